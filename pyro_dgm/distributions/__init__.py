@@ -1,0 +1,14 @@
+"""Distributions for deep generative models, usable as ``pyro.sample`` sites.
+
+``import pyro_dgm.distributions as dist`` also registers their closed-form KL divergences with
+:func:`torch.distributions.kl_divergence`.
+"""
+
+from pyro_dgm.distributions import kl as _kl  # noqa: F401  (registers the KL divergences)
+from pyro_dgm.distributions.hyperspherical_uniform import (
+    HypersphericalUniform,
+    log_sphere_surface_area,
+)
+from pyro_dgm.distributions.von_mises_fisher import VonMisesFisher
+
+__all__ = ["HypersphericalUniform", "VonMisesFisher", "log_sphere_surface_area"]
