@@ -1,0 +1,22 @@
+"""Objectives, evaluation and training helpers for Pyro model/guide pairs."""
+
+from pyro_dgm.infer.elbo import TraceAnalyticKL_ELBO
+from pyro_dgm.infer.evaluation import (
+    ElboTerms,
+    LogLikelihoodEstimate,
+    elbo_terms,
+    importance_log_likelihood,
+)
+from pyro_dgm.infer.training import kl_warmup, load_checkpoint, save_checkpoint, train_epoch
+
+__all__ = [
+    "ElboTerms",
+    "LogLikelihoodEstimate",
+    "TraceAnalyticKL_ELBO",
+    "elbo_terms",
+    "importance_log_likelihood",
+    "kl_warmup",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train_epoch",
+]
