@@ -8,7 +8,6 @@ from torch.distributions import register_kl
 
 from pyro_dgm.distributions.hyperspherical_uniform import HypersphericalUniform
 from pyro_dgm.distributions.von_mises_fisher import VonMisesFisher
-from pyro_dgm.special import log_bessel_iv_normalized, log_bessel_iv_normalized_and_ratio
 
 __all__: list[str] = []
 
@@ -25,14 +24,13 @@ def _check_same_sphere(p, q) -> None:
 def _kl_von_mises_fisher_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> Tensor:
     """KL(vMF(mu, kappa) || U(S^{m-1})) = kappa A_m(kappa) - log 0F1(; m/2; kappa^2/4).
 
-    Davidson et al. (2018), eq. (5), with log C_m written through the normalized Bessel
-    function: exactly 0 at kappa = 0 and smooth there. Computed in float64 so that the two
-    terms, each about kappa, do not cancel catastrophically for large kappa in float32.
+    Davidson et al. (2018), with log C_m written through the normalized Bessel function:
+    exactly 0 at kappa = 0 and smooth there. Computed in float64 so that the two terms, each
+    about kappa, do not cancel catastrophically for large kappa in float32.
     """
     _check_same_sphere(p, q)
-    kappa = p.concentration.double()
-    log_normalized, ratio = log_bessel_iv_normalized_and_ratio(p._order, kappa)
-    kl = (kappa * ratio - log_normalized).to(p.concentration.dtype)
+    log_normalized, ratio = p._bessel_terms
+    kl = (p.concentration.double() * ratio - log_normalized).to(p.concentration.dtype)
     return kl.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 
@@ -41,12 +39,12 @@ def _kl_von_mises_fisher_von_mises_fisher(p: VonMisesFisher, q: VonMisesFisher) 
     """KL(vMF(mu_p, kappa_p) || vMF(mu_q, kappa_q))
     = A_m(kappa_p) (kappa_p - kappa_q mu_p^T mu_q) - log 0F1(kappa_p) + log 0F1(kappa_q)."""
     _check_same_sphere(p, q)
-    kappa_p, kappa_q = p.concentration.double(), q.concentration.double()
-    log_normalized_p, ratio_p = log_bessel_iv_normalized_and_ratio(p._order, kappa_p)
+    log_normalized_p, ratio_p = p._bessel_terms
+    log_normalized_q, _ = q._bessel_terms
     cosine = (p.loc.double() * q.loc.double()).sum(-1)
     kl = (
-        ratio_p * (kappa_p - kappa_q * cosine)
+        ratio_p * (p.concentration.double() - q.concentration.double() * cosine)
         - log_normalized_p
-        + log_bessel_iv_normalized(q._order, kappa_q)
+        + log_normalized_q
     )
     return kl.to(torch.promote_types(p.loc.dtype, q.loc.dtype))

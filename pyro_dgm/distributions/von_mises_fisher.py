@@ -6,9 +6,10 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.score_parts import ScoreParts
 from torch import Tensor
+from torch.distributions.utils import lazy_property
 
 from pyro_dgm.distributions.hyperspherical_uniform import log_sphere_surface_area
-from pyro_dgm.special import log_bessel_iv_normalized, log_bessel_iv_normalized_and_ratio
+from pyro_dgm.special import log_bessel_iv_normalized_and_ratio
 
 __all__ = ["VonMisesFisher"]
 
@@ -134,11 +135,15 @@ class VonMisesFisher(TorchDistribution):
         """The Bessel order m/2 - 1 of the normalizer."""
         return 0.5 * self._dim - 1
 
+    @lazy_property
+    def _bessel_terms(self) -> tuple[Tensor, Tensor]:
+        """(log 0F1(; m/2; kappa^2/4), A_m(kappa)) in float64, evaluated once per instance."""
+        return log_bessel_iv_normalized_and_ratio(self._order, self.concentration.double())
+
     @property
     def mean(self) -> Tensor:
         """:math:`A_m(\\kappa) \\mu`, with :math:`A_m = I_{m/2} / I_{m/2-1}`."""
-        _, ratio = log_bessel_iv_normalized_and_ratio(self._order, self.concentration)
-        return ratio.unsqueeze(-1) * self.loc
+        return self._bessel_terms[1].to(self.loc.dtype).unsqueeze(-1) * self.loc
 
     @property
     def mode(self) -> Tensor:
@@ -152,19 +157,15 @@ class VonMisesFisher(TorchDistribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        log_normalizer = -log_sphere_surface_area(self._dim) - log_bessel_iv_normalized(
-            self._order, self.concentration
-        )
-        return self.concentration * (self.loc * value).sum(-1) + log_normalizer
+        log_normalizer = -log_sphere_surface_area(self._dim) - self._bessel_terms[0]
+        return self.concentration * (self.loc * value).sum(-1) + log_normalizer.to(value.dtype)
 
     def entropy(self) -> Tensor:
-        """:math:`\\log|S^{m-1}| + \\log {}_0F_1(; m/2; \\kappa^2/4) - \\kappa A_m(\\kappa)`, nats."""
-        log_normalized, ratio = log_bessel_iv_normalized_and_ratio(
-            self._order, self.concentration
-        )
-        return (
-            log_sphere_surface_area(self._dim) + log_normalized - self.concentration * ratio
-        )
+        """:math:`\\log|S^{m-1}| + \\log {}_0F_1(; m/2; \\kappa^2/4) - \\kappa A_m(\\kappa)`,
+        nats, computed in float64."""
+        log_normalized, ratio = self._bessel_terms
+        entropy = log_normalized - self.concentration.double() * ratio
+        return (log_sphere_surface_area(self._dim) + entropy).to(self.concentration.dtype)
 
     # Sampling -------------------------------------------------------------------------------
 
@@ -218,7 +219,7 @@ class VonMisesFisher(TorchDistribution):
             concentration * w
             + 0.5 * (self._dim - 1) * b.log()
             - (self._dim - 1) * denominator.log()
-            - log_bessel_iv_normalized(self._order, concentration)
+            - self._bessel_terms[0].to(concentration.dtype)
         )
         return ScoreParts(log_prob=log_prob, score_function=score, entropy_term=log_prob)
 
@@ -283,7 +284,8 @@ def _log_acceptance_threshold(
 def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Batched rejection: returns the first accepted eps ~ Beta((m-1)/2, (m-1)/2) per element.
 
-    Round r draws 2^r proposals for each element still rejected, so that stragglers finish in
+    Each round draws several proposals for every element still rejected (about 1024 in all in
+    the first round, then twice as many per element each round), so that stragglers finish in
     few rounds; only those elements are carried on (one host synchronisation per round).
     """
     count = b.shape[0]
@@ -292,7 +294,9 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     proposal_complement = torch.empty_like(b)
     pending = torch.arange(count, device=b.device)
     b_pending, concentration_pending = b, concentration
-    per_element = 1
+    # Small batches cost the same per round whatever the proposal count, so ask for about a
+    # thousand proposals in the first round: usually the only one.
+    per_element = max(1, min(16, 1024 // max(count, 1)))
     while pending.numel() > 0:
         shape = (pending.numel(), per_element)
         gammas = torch._standard_gamma(b.new_full((2, *shape), half))
