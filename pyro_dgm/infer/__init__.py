@@ -2,18 +2,22 @@
 
 from pyro_dgm.infer.elbo import TraceAnalyticKL_ELBO
 from pyro_dgm.infer.evaluation import (
+    DatasetEvaluation,
     ElboTerms,
     LogLikelihoodEstimate,
     elbo_terms,
+    evaluate_dataset,
     importance_log_likelihood,
 )
 from pyro_dgm.infer.training import kl_warmup, load_checkpoint, save_checkpoint, train_epoch
 
 __all__ = [
+    "DatasetEvaluation",
     "ElboTerms",
     "LogLikelihoodEstimate",
     "TraceAnalyticKL_ELBO",
     "elbo_terms",
+    "evaluate_dataset",
     "importance_log_likelihood",
     "kl_warmup",
     "load_checkpoint",

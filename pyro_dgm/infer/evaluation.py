@@ -4,6 +4,7 @@ the ELBO split into reconstruction and KL."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple
 
 import pyro
@@ -13,7 +14,14 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from torch.distributions import kl_divergence
 
-__all__ = ["ElboTerms", "LogLikelihoodEstimate", "elbo_terms", "importance_log_likelihood"]
+__all__ = [
+    "DatasetEvaluation",
+    "ElboTerms",
+    "LogLikelihoodEstimate",
+    "elbo_terms",
+    "evaluate_dataset",
+    "importance_log_likelihood",
+]
 
 
 class LogLikelihoodEstimate(NamedTuple):
@@ -206,3 +214,73 @@ def elbo_terms(
     reconstruction = torch.as_tensor(reconstruction).mean(0)
     kl = torch.as_tensor(kl).mean(0)
     return ElboTerms(reconstruction - kl, reconstruction, kl)
+
+
+@dataclass
+class DatasetEvaluation:
+    """Averages over a data set, in nats per data point (the S-VAE paper's table columns).
+
+    :ivar log_likelihood: importance-sampled :math:`\\log p(x)` (``LL``).
+    :ivar log_likelihood_standard_error: Monte Carlo standard error of that average.
+    :ivar elbo: :math:`\\mathcal{L}[q]`; ``reconstruction`` :math:`\\mathbb{E}_q \\log p(x|z)`
+        (``RE``); ``kl``: :math:`\\mathrm{KL}(q \\| p)`. ``elbo = reconstruction - kl``.
+    :ivar effective_sample_size: mean ESS of the importance weights.
+    :ivar num_samples: importance samples per data point.
+    """
+
+    log_likelihood: float
+    log_likelihood_standard_error: float
+    elbo: float
+    reconstruction: float
+    kl: float
+    effective_sample_size: float
+    num_samples: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_dataset(
+    model: Callable,
+    guide: Callable,
+    data: Tensor,
+    *,
+    batch_size: int = 100,
+    num_samples: int = 500,
+    num_particles: int = 10,
+    chunk_size: int = 100,
+    data_plate: str = "data",
+    progress: Callable | None = None,
+) -> DatasetEvaluation:
+    """:func:`importance_log_likelihood` and :func:`elbo_terms` averaged over ``data``.
+
+    :param data: tensor of shape ``(N, ...)``; the model and guide are called on slices
+        ``data[i : i + batch_size]``.
+    :param progress: optional wrapper for the batch iterator (e.g. ``tqdm``).
+    :returns: :class:`DatasetEvaluation`.
+    """
+    totals = {"ll": 0.0, "ll_var": 0.0, "elbo": 0.0, "re": 0.0, "kl": 0.0, "ess": 0.0}
+    starts = range(0, data.shape[0], batch_size)
+    for start in progress(starts) if progress else starts:
+        batch = data[start : start + batch_size]
+        estimate = importance_log_likelihood(model, guide, batch, num_samples=num_samples,
+                                             chunk_size=chunk_size, data_plate=data_plate)
+        terms = elbo_terms(model, guide, batch, num_particles=num_particles,
+                           data_plate=data_plate)
+        totals["ll"] += estimate.log_likelihood.sum()
+        totals["ll_var"] += estimate.standard_error.square().sum()
+        totals["ess"] += estimate.effective_sample_size.sum()
+        totals["elbo"] += terms.elbo.sum()
+        totals["re"] += terms.reconstruction.sum()
+        totals["kl"] += terms.kl.sum()
+    count = data.shape[0]
+    means = {key: float(value) / count for key, value in totals.items()}
+    return DatasetEvaluation(
+        log_likelihood=means["ll"],
+        log_likelihood_standard_error=math.sqrt(means["ll_var"] / count),
+        elbo=means["elbo"],
+        reconstruction=means["re"],
+        kl=means["kl"],
+        effective_sample_size=means["ess"],
+        num_samples=num_samples,
+    )
