@@ -21,7 +21,8 @@ Numerical regime (all arithmetic in float64, results cast back to the input's dt
 References:
 
 1. NIST Digital Library of Mathematical Functions, chapter 10, https://dlmf.nist.gov/10.41
-2. W. Gautschi, "Computational aspects of three-term recurrence relations", SIAM Review 9 (1967)
+2. W. Gautschi, "Computational aspects of three-term recurrence relations", SIAM Review 9
+   (1967)
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ def log_bessel_iv_normalized(v: Tensor | float, x: Tensor | float) -> Tensor:
 
     :math:`I_v(x)` divided by its leading small-:math:`x` term: zero at :math:`x = 0` and smooth
     there, with derivative :math:`I_{v+1}(x) / I_v(x)`. The von Mises-Fisher log-normalizer is
-    :math:`\\log C_m(\\kappa) = -\\log |S^{m-1}| - ` ``log_bessel_iv_normalized(m / 2 - 1,
+    :math:`\\log C_m(\\kappa) = -\\log |S^{m-1}| -` ``log_bessel_iv_normalized(m / 2 - 1,
     kappa)``, which is how it stays finite and smooth as :math:`\\kappa \\to 0`.
 
     :param v: order(s) :math:`v \\ge 0`, float or tensor broadcastable with ``x``.
