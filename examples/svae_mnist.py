@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder holding MNIST/raw (env PYRO_DGM_DATA_DIR)")
     parser.add_argument("--out", default="runs/svae_mnist",
                         help="folder for checkpoint, metrics and pictures")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="use only the first N training images (default: all)")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="evaluate on the first N test images only (default: all)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -109,9 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = load_mnist_or_fallback(args.data_dir)
     print(f"data: {data.source}")
-    train = MinibatchLoader(data.train_images, args.batch_size, return_indices=True,
-                            device=device)
-    test_images = binarize_fixed(data.test_images.to(device), seed=args.seed).flatten(1)
+    train_images = data.train_images[: args.train_images]
+    test_images, test_labels = (t[: args.test_images] for t in (data.test_images,
+                                                                 data.test_labels))
+    train = MinibatchLoader(train_images, args.batch_size, return_indices=True, device=device)
+    test_images = binarize_fixed(test_images.to(device), seed=args.seed).flatten(1)
 
     vae = VAE(args.latent, args.latent_dim).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"no checkpoint in {out}; starting afresh")
 
     family = "S-VAE (vMF, uniform prior)" if args.latent == "vmf" else "N-VAE (Gaussian)"
-    print(f"{family}, d = {args.latent_dim}, {len(data.train_images)} training images, "
+    print(f"{family}, d = {args.latent_dim}, {len(train_images):,} training images, "
           f"device {device}")
     for epoch in range(first_epoch, args.epochs):
         started = time.perf_counter()
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     reconstructions = vae.reconstruct(test_images[:32]).reshape(32, 1, 28, 28)
     save_image(torch.cat([originals, reconstructions]), out / "reconstructions.png", nrow=8)
     if args.latent_dim == 2:
-        plot_sphere(vae, test_images, data.test_labels, out / "latent.png")
+        plot_sphere(vae, test_images, test_labels, out / "latent.png")
     metrics = {"args": vars(args), "data": data.source, "device": str(device),
                "history": history, "test": result.as_dict()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -267,12 +267,11 @@ def evaluate_dataset(
                                              chunk_size=chunk_size, data_plate=data_plate)
         terms = elbo_terms(model, guide, batch, num_particles=num_particles,
                            data_plate=data_plate)
-        totals["ll"] += estimate.log_likelihood.sum()
-        totals["ll_var"] += estimate.standard_error.square().sum()
-        totals["ess"] += estimate.effective_sample_size.sum()
-        totals["elbo"] += terms.elbo.sum()
-        totals["re"] += terms.reconstruction.sum()
-        totals["kl"] += terms.kl.sum()
+        for key, value in (("ll", estimate.log_likelihood),
+                           ("ll_var", estimate.standard_error.square()),
+                           ("ess", estimate.effective_sample_size), ("elbo", terms.elbo),
+                           ("re", terms.reconstruction), ("kl", terms.kl)):
+            totals[key] += value.double().sum()  # float64 sums over the whole data set
     count = data.shape[0]
     means = {key: float(value) / count for key, value in totals.items()}
     return DatasetEvaluation(

@@ -1,0 +1,41 @@
+"""The main example end to end, on a small budget: outputs, metrics and --resume."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["svae_mnist.py", *map(str, args)])
+    module = runpy.run_path(str(EXAMPLES / "svae_mnist.py"), run_name="svae_mnist")
+    return module["main"]()
+
+
+@pytest.mark.parametrize("latent", ["vmf", "normal"])
+def test_svae_example_trains_reports_and_resumes(latent, data_dir, tmp_path, monkeypatch,
+                                                capsys):
+    out = tmp_path / "run"
+    common = ["--latent", latent, "--latent-dim", 2, "--num-samples", 4, "--train-images", 3000,
+              "--test-images", 300, "--data-dir", data_dir, "--out", out, "--no-progress"]
+    metrics = run_example(monkeypatch, "--epochs", 1, *common)
+    printed = capsys.readouterr().out
+    assert "MNIST from" in printed and "3,000 training images" in printed
+    assert "LL" in printed and "ELBO" in printed and "RE" in printed and "KL" in printed
+    for name in ("checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png",
+                 "latent.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    test = saved["test"]
+    assert test["elbo"] == pytest.approx(test["reconstruction"] - test["kl"], rel=1e-6)
+    assert test["elbo"] <= test["log_likelihood"] + 1.0 and test["kl"] > 0
+    assert metrics["history"][0]["epoch"] == 1
+
+    resumed = run_example(monkeypatch, "--epochs", 2, "--resume", *common)
+    printed = capsys.readouterr().out
+    assert "resumed" in printed and "epoch   2" in printed and "epoch   1 " not in printed
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
