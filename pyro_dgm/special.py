@@ -168,11 +168,19 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
     in_series = x <= series_limit
     log_half_x = torch.log(0.5 * x)
     leading = _times_log(v, log_half_x) - log_gamma  # log of (x / 2)^v / Gamma(v + 1)
+    # On the CPU, asking which regions occur costs no device synchronisation: skip the other.
+    on_host = x.device.type == "cpu"
+    need_series = not on_host or bool(in_series.any())
+    need_debye = not on_host or not bool(in_series.all())
 
-    series_normalized, series_ratio = _series_log_normalized_and_ratio(
-        v, torch.clamp(x, max=series_limit) if not torch.is_tensor(v) else
-        torch.minimum(x, series_limit)
-    )
+    if need_series:
+        series_normalized, series_ratio = _series_log_normalized_and_ratio(
+            v, torch.clamp(x, max=series_limit) if not torch.is_tensor(v) else
+            torch.minimum(x, series_limit)
+        )
+        if not need_debye:
+            return leading + series_normalized, series_normalized, series_ratio
+
     # Debye at the shifted order, then down the recurrence; x kept out of the series region,
     # where the ratios would underflow and the result is discarded anyway.
     x_debye = torch.clamp(x, min=series_limit) if not torch.is_tensor(v) else torch.maximum(
@@ -187,10 +195,12 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
         else:
             ratio = torch.reciprocal(torch.add(ratio, two_over_x, alpha=v + step))
         product = product * ratio
-    debye_log_iv = log_iv_shifted - product.log()
+    log_iv = log_iv_shifted - product.log()
+    if not need_series:
+        return log_iv, log_iv - leading, ratio
 
-    log_iv = torch.where(in_series, leading + series_normalized, debye_log_iv)
-    normalized = torch.where(in_series, series_normalized, debye_log_iv - leading)
+    normalized = torch.where(in_series, series_normalized, log_iv - leading)
+    log_iv = torch.where(in_series, leading + series_normalized, log_iv)
     ratio = torch.where(in_series, series_ratio, ratio)
     return log_iv, normalized, ratio
 
