@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -74,7 +74,7 @@ def _debye_polynomials(count: int) -> list[list[Fraction]]:
     return polynomials
 
 
-@lru_cache(maxsize=None)
+@cache
 def _debye_matrix(device: torch.device) -> Tensor:
     """(K, K) float64 matrix A with U_k(p) = p^k sum_i A[i, k] p^(2 i), cached per device.
 

@@ -161,8 +161,8 @@ def test_analytic_kl_elbo_gradient_matches_finite_differences(linear_gaussian):
     scale = torch.tensor(1.3, dtype=F64, requires_grad=True)
     (grad,) = torch.autograd.grad(loss_at(scale), scale)
     h = 1e-6
-    numeric = (loss_at(torch.tensor(1.3 + h, dtype=F64)) - loss_at(torch.tensor(1.3 - h,
-                                                                              dtype=F64))) / (2 * h)
+    plus, minus = (torch.tensor(1.3 + s * h, dtype=F64) for s in (1, -1))
+    numeric = (loss_at(plus) - loss_at(minus)) / (2 * h)
     torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
 
 

@@ -19,7 +19,7 @@ from pyro_dgm.special import (
 )
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "bessel_reference.json").read_text())
-V, X, LOG_IV, RATIO = (np.array(column, dtype=float) for column in zip(*REFERENCE["rows"]))
+V, X, LOG_IV, RATIO = np.array(REFERENCE["rows"], dtype=float).T
 
 
 def relative_error(got, expected):

@@ -26,7 +26,8 @@ class VonMisesFisher(TorchDistribution):
 
     **Sampling** is exact. The component :math:`w = \\mu^\\top z` is drawn by Wood's (1994)
     rejection sampler with proposal :math:`\\varepsilon \\sim \\mathrm{Beta}((m-1)/2, (m-1)/2)`,
-    :math:`w = h(\\varepsilon, \\kappa) = (1 - (1+b)\\varepsilon) / (1 - (1-b)\\varepsilon)` and the
+    :math:`w = h(\\varepsilon, \\kappa) = (1 - (1+b)\\varepsilon) / (1 - (1-b)\\varepsilon)`
+    and the
     envelope parameter written without cancellation,
     :math:`b = (m-1) / (2\\kappa + \\sqrt{4\\kappa^2 + (m-1)^2})`; the acceptance test and
     :math:`1 - w^2` are rewritten in :math:`\\varepsilon` so that nothing of size
@@ -41,7 +42,8 @@ class VonMisesFisher(TorchDistribution):
     reparameterization of Naesseth et al. (2017): ``rsample`` is differentiable through the
     accepted proposal (:math:`g_\\mathrm{rep}`), and :meth:`score_parts` returns as score function
     the log-density of the accepted :math:`\\varepsilon`,
-    :math:`\\log q(h(\\varepsilon,\\kappa)) + \\log|\\partial h / \\partial \\varepsilon|`, which Pyro's
+    :math:`\\log q(h(\\varepsilon,\\kappa)) + \\log|\\partial h / \\partial \\varepsilon|`,
+    which Pyro's
     ELBOs (``Trace_ELBO``, ``TraceGraph_ELBO``, and
     :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO`) turn into the correction term
     :math:`g_\\mathrm{cor}`; together they are unbiased. ``gradient="pathwise"`` drops

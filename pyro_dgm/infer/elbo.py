@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-from torch.distributions import kl_divergence
-
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, torch_item
 from pyro.util import warn_if_nan
+from torch import Tensor
+from torch.distributions import kl_divergence
 
 __all__ = ["TraceAnalyticKL_ELBO"]
 

@@ -4,8 +4,9 @@ the ELBO split into reconstruction and KL."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import pyro
 import pyro.poutine as poutine

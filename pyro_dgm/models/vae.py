@@ -79,7 +79,7 @@ class VAE(PyroModule):
         #: number of coordinates of z: d + 1 on the sphere S^d, d for the Gaussian
         self.event_dim = latent_dim + 1 if latent == "vmf" else latent_dim
         layers: list[nn.Module] = []
-        for width_in, width_out in zip((input_dim, *hidden_dims[:-1]), hidden_dims):
+        for width_in, width_out in zip((input_dim, *hidden_dims[:-1]), hidden_dims, strict=True):
             layers += [nn.Linear(width_in, width_out), nn.ReLU()]
         #: the encoder's last hidden layer h(x), shared by the posterior heads
         self.encoder = nn.Sequential(*layers)
