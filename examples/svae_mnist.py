@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
         loss = train_epoch(
             loss_fn, optimizer, train, first_step=epoch * len(train), warmup_steps=warmup_steps,
             num_batches=len(train), description=f"epoch {epoch + 1}/{args.epochs}",
-            progress=not args.no_progress, num_data=train.num_examples,
+            progress=not args.no_progress, loss_scale=train.num_examples,
+            num_data=train.num_examples,
         )
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "train_elbo": -loss / train.num_examples,
-                        "seconds": seconds})
-        print(f"epoch {epoch + 1:3d}  train ELBO {-loss / train.num_examples:8.2f}  "
+        history.append({"epoch": epoch + 1, "train_elbo": -loss, "seconds": seconds})
+        print(f"epoch {epoch + 1:3d}  train ELBO {-loss:8.2f}  "
               f"({seconds:.1f} s)")
         save_checkpoint(checkpoint_path, model=vae.state_dict(), optimizer=optimizer.state_dict(),
                         rng=torch.get_rng_state(), history=history, epoch=epoch, args=vars(args))

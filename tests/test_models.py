@@ -50,6 +50,22 @@ def test_subsampling_and_kl_scale_enter_the_loss():
         vae.model(x, num_data=40)
 
 
+def test_svi_with_pyro_optimizer_trains_every_network():
+    """SVI finds the parameters through Pyro's param store and updates all of them."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE("vmf", latent_dim=3, input_dim=12, hidden_dims=(8,))
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    x = torch.bernoulli(torch.full((16, 12), 0.3))
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.05}),
+                         TraceAnalyticKL_ELBO())
+    losses = [svi.step(x) for _ in range(30)]
+    assert losses[-1] < losses[0] - 1
+    assert len(pyro.get_param_store()) == len(before)
+    for name, parameter in vae.named_parameters():
+        assert not torch.equal(parameter.detach(), before[name]), name
+
+
 @pytest.mark.parametrize("latent", ["bernoulli", "gaussian"])
 def test_rejects_unknown_latent(latent):
     with pytest.raises(ValueError, match="latent must be one of"):

@@ -35,6 +35,7 @@ def train_epoch(
     num_batches: int | None = None,
     description: str = "train",
     progress: bool = True,
+    loss_scale: float = 1.0,
     **loss_kwargs: Any,
 ) -> float:
     """One pass of stochastic gradient descent on a differentiable loss.
@@ -47,7 +48,9 @@ def train_epoch(
     :param batches: iterable of tuples of tensors, passed positionally to ``loss_fn``.
     :param first_step: global step number of the first batch (for the warm-up schedule).
     :param warmup_steps: steps of linear KL warm-up (:func:`kl_warmup`).
-    :returns: the mean loss per batch over the epoch, as a float.
+    :param loss_scale: divisor of the reported loss, e.g. the number of data points when the
+        loss is scaled to the whole data set, to report nats per data point.
+    :returns: the mean loss per batch over the epoch divided by ``loss_scale``, as a float.
     """
     total = None
     step = first_step
@@ -61,10 +64,10 @@ def train_epoch(
         total = loss.detach() if total is None else total + loss.detach()
         step += 1
         if progress and count % 100 == 0:
-            bar.set_postfix(loss=f"{total.item() / count:.2f}")
+            bar.set_postfix(loss=f"{total.item() / (count * loss_scale):.2f}")
     if total is None:
         raise ValueError("batches is empty")
-    return total.item() / (step - first_step)
+    return total.item() / ((step - first_step) * loss_scale)
 
 
 def save_checkpoint(path: str | os.PathLike, **state: Any) -> None:

@@ -10,6 +10,7 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.nn import DenseNN, PyroModule
+from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
@@ -86,6 +87,11 @@ class VAE(PyroModule):
         second_head = 1 if latent == "vmf" else latent_dim  # concentration or scale
         self.posterior_head = nn.Linear(hidden_dims[-1], self.event_dim + second_head)
         self.decoder = DenseNN(self.event_dim, list(reversed(hidden_dims)), [input_dim])
+        # As PyroModules, the networks announce their parameters to Pyro (pyro.param) when
+        # model and guide run, so that SVI with a pyro.optim optimizer trains them; a torch
+        # optimizer over vae.parameters() works as well.
+        for network in (self.encoder, self.posterior_head, self.decoder):
+            to_pyro_module_(network)
 
     def posterior(self, x: Tensor) -> pyro_dist.TorchDistribution:
         """The variational posterior :math:`q(z \\mid x)`: batch shape ``(B,)``, event shape
