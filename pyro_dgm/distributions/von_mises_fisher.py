@@ -292,15 +292,13 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     """
     count = b.shape[0]
     half = 0.5 * (dim - 1)
-    proposal = torch.empty_like(b)
-    proposal_complement = torch.empty_like(b)
-    pending = torch.arange(count, device=b.device)
-    b_pending, concentration_pending = b, concentration
     # Small batches cost the same per round whatever the proposal count, so ask for about a
     # thousand proposals in the first round: usually the only one.
     per_element = max(1, min(16, 1024 // max(count, 1)))
-    while pending.numel() > 0:
-        shape = (pending.numel(), per_element)
+    proposal = proposal_complement = pending = None
+    b_pending, concentration_pending = b, concentration
+    while True:
+        shape = (b_pending.shape[0], per_element)
         gammas = torch._standard_gamma(b.new_full((2, *shape), half))
         total = gammas[0] + gammas[1]
         eps, eps_complement = gammas[0] / total, gammas[1] / total
@@ -309,18 +307,23 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
         )
         accepted = threshold >= -torch.empty_like(eps).exponential_()  # log u, u ~ U(0, 1)
         first = accepted.to(torch.uint8).argmax(-1, keepdim=True)
+        chosen = eps.gather(-1, first).squeeze(-1)
+        chosen_complement = eps_complement.gather(-1, first).squeeze(-1)
         done = accepted.any(-1)
-        proposal[pending] = torch.where(
-            done, eps.gather(-1, first).squeeze(-1), proposal[pending]
-        )
-        proposal_complement[pending] = torch.where(
-            done, eps_complement.gather(-1, first).squeeze(-1), proposal_complement[pending]
-        )
+        if pending is None:  # first round: every element, no indexing needed
+            proposal, proposal_complement = chosen, chosen_complement
+            pending = torch.arange(count, device=b.device)
+        else:
+            proposal[pending] = torch.where(done, chosen, proposal[pending])
+            proposal_complement[pending] = torch.where(
+                done, chosen_complement, proposal_complement[pending]
+            )
         still = (~done).nonzero().squeeze(-1)
+        if still.numel() == 0:
+            return proposal, proposal_complement
         pending = pending[still]
         b_pending, concentration_pending = b_pending[still], concentration_pending[still]
         per_element = min(2 * per_element, 64)
-    return proposal, proposal_complement
 
 
 def _reflect_e1_to(loc: Tensor, x: Tensor) -> Tensor:

@@ -27,29 +27,34 @@ and :math:`\mathbf{v}` solves the :math:`M`-dimensional equation
 
     \mathbf{g}(\mathbf{v}) = \mathbf{v} + R\, h(\tilde R \mathbf{v} + \mathbf{b}) - \mathbf{c} = 0,
 
-after which :math:`\mathbf{z} = \mathbf{z}' - Q R\, h(\tilde R \mathbf{v} + \mathbf{b})`. The
-Jacobian :math:`I + R \operatorname{diag}(h') \tilde R` is upper triangular with diagonal in
-:math:`(1 - \lvert R_{ii} \tilde R_{ii} \rvert, 1 + \lvert R_{ii} \tilde R_{ii} \rvert)`, so
-each Newton step is one triangular solve. The plain fixed-point iteration
-:math:`\mathbf{v} \leftarrow \mathbf{c} - R h(\tilde R \mathbf{v} + \mathbf{b})` is not a
-contraction once the off-diagonal entries grow, and undamped Newton can cycle (for
-:math:`v + a \tanh(w v) = c` with :math:`a w` near :math:`-1`), so Newton's method is
-globalised by Armijo backtracking on :math:`\tfrac12 \lVert \mathbf{g} \rVert^2`. This converges
-from any start: :math:`\mathbf{g}` is coercive (:math:`h` is bounded), the Jacobian is
-nonsingular everywhere with :math:`\lvert\det\rvert \ge \prod_i (1 - \lvert R_{ii} \tilde R_{ii}
-\rvert) > 0`, so the Newton direction is a descent direction, the only stationary point of the
-merit function is the root, and full steps, hence quadratic convergence, are taken near it [2,
-Thm. 6.3.3]. The iteration runs without gradient tracking; one final Newton step from the
-detached solution is differentiated, whose derivative is exactly the implicit-function
-derivative.
+after which :math:`\mathbf{z} = \mathbf{z}' - Q R\, h(\tilde R \mathbf{v} + \mathbf{b})`.
+
+This system is triangular: row :math:`i` involves :math:`v_i, \ldots, v_M` only. Solved from the
+last row up (nonlinear back substitution), each row is a scalar equation
+:math:`v_i + R_{ii} h(\tilde R_{ii} v_i + s_i) = t_i`, with :math:`s_i, t_i` fixed by the rows
+already solved, whose left side is increasing with slope in
+:math:`(1 - \lvert R_{ii} \tilde R_{ii} \rvert, 1 + \lvert R_{ii} \tilde R_{ii} \rvert)` and
+whose root lies in :math:`[t_i - \lvert R_{ii} \rvert, t_i + \lvert R_{ii} \rvert]` (:math:`h` is
+bounded by 1). Newton's method on it provably converges (``_solve_monotone``): it contracts
+when :math:`R_{ii} \tilde R_{ii} \ge 0`, and otherwise, started at the end of that bracket on the
+convex side of the inflection point, moves monotonically to the root. The alternatives are
+worse: the fixed-point iteration :math:`\mathbf{v} \leftarrow \mathbf{c} - R h(\tilde R
+\mathbf{v} + \mathbf{b})` converges, but only linearly at the rate
+:math:`\max_i \lvert R_{ii} \tilde R_{ii} \rvert`, after transient growth through large
+off-diagonal entries (1% of random systems with :math:`M = 6` were not solved after 1000
+iterations); Newton on the whole system has no convergence guarantee, and globalising it by
+backtracking on :math:`\lVert \mathbf{g} \rVert^2` stalls in the flat regions of a saturated
+:math:`\tanh` where the full step would have landed on the root. The back substitution costs
+:math:`M` rounds of a few scalar Newton steps (7 to 22 in stress tests), each round over the
+whole batch at once. The iterations run without gradient tracking; a correction that is zero in
+value and carries the implicit-function derivative :math:`-J^{-1} \partial \mathbf{g}` makes the
+inverse differentiable in :math:`\mathbf{z}'` and in the parameters.
 
 References:
 
 1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
    for Variational Inference", UAI 2018, arXiv:1803.05649.
-2. J. E. Dennis, R. B. Schnabel, "Numerical Methods for Unconstrained Optimization and
-   Nonlinear Equations", SIAM (1996).
-3. Å. Björck, C. Bowie, "An iterative algorithm for computing the best estimate of an
+2. Å. Björck, C. Bowie, "An iterative algorithm for computing the best estimate of an
    orthogonal matrix", SIAM J. Numer. Anal. 8 (1971).
 """
 
@@ -76,12 +81,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.distributions import Transform, constraints
 
-from .householder import _HouseholderProduct
+from .householder import _householder_product
 
 Kind = Literal["orthogonal", "householder", "triangular"]
-
-_ARMIJO = 1e-4  # sufficient decrease of the merit function |g|^2 per unit step
-_MAX_HALVINGS = 40  # backtracking halvings per Newton step (never reached in practice)
 
 
 def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
@@ -92,7 +94,7 @@ def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
 
 def _orthogonalize(matrix: Tensor, steps: int) -> Tensor:
     r"""The orthonormal polar factor of ``matrix`` (..., D, M), by ``steps`` iterations of
-    :math:`Q \leftarrow Q (I + \tfrac12 (I - Q^T Q))` [1, 3].
+    :math:`Q \leftarrow Q (I + \tfrac12 (I - Q^T Q))` [1, 2].
 
     Each singular value maps as :math:`\sigma \mapsto \sigma (3 - \sigma^2) / 2`, which converges
     to 1 for every :math:`\sigma \in (0, \sqrt 3)`: by a factor of 1.5 per step while small, then
@@ -118,6 +120,39 @@ def _triangular_factors(square: Tensor, diag_tilde: Tensor) -> tuple[Tensor, Ten
     r = torch.diagonal_scatter(square.triu(1), diagonal, dim1=-2, dim2=-1)
     r_tilde = torch.diagonal_scatter(square.mT.triu(1), torch.tanh(diag_tilde), dim1=-2, dim2=-1)
     return r, r_tilde
+
+
+def _solve_monotone(
+    a: Tensor, w: Tensor, shift: Tensor, target: Tensor, tol: float, max_iter: int
+) -> tuple[Tensor, Tensor]:
+    r"""The root of :math:`g(v) = v + a \tanh(w v + s) - t` and :math:`\tanh(w v + s)` there,
+    elementwise, for :math:`\lvert a w \rvert < 1`, by Newton's method.
+
+    :math:`g' \in (1 - \lvert a w \rvert, 1 + \lvert a w \rvert)`, so :math:`g` is increasing
+    and its root lies in :math:`[t - \lvert a \rvert, t + \lvert a \rvert]`. If :math:`a w \ge 0`
+    the Newton error contracts by at least :math:`\lvert a w \rvert` per step from anywhere. If
+    :math:`a w < 0`, :math:`g` is concave left of its inflection point :math:`-s / w` and convex
+    right of it; started at the end of the bracket on the root's side of the inflection point,
+    Newton's iterates move monotonically to the root, quadratically at last. The stopping rule
+    (all steps below ``tol * (1 + |v|)``) is data-dependent: a host synchronisation per step.
+    """
+    inflection = torch.where(w == 0, target, -shift / w)
+    root_on_right = inflection <= target  # g(inflection) = inflection - target
+    v = torch.where(root_on_right, target + a.abs(), target - a.abs())
+    for _ in range(max_iter):
+        activation = torch.tanh(w * v + shift)
+        step = (v + a * activation - target) / (1 + a * w * (1 - activation.square()))
+        v = v - step
+        if bool((step.abs() <= tol * (1 + v.abs())).all()):
+            break
+    else:
+        warnings.warn(
+            f"Sylvester inverse: Newton's method did not converge in {max_iter} steps "
+            f"(largest last step {step.abs().max().item():.3g})",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    return v, torch.tanh(w * v + shift)
 
 
 class _Basis(Protocol):
@@ -173,8 +208,9 @@ class _SylvesterRows(torch.autograd.Function):
 
     ``y = x + h(x E + b) F`` and ``log|det J| = sum_i log1p(d_i h'_i)``, with ``E = Q R~^T``
     (D, M), ``F = R^T Q^T`` (M, D), ``d = diag(R) diag(R~)`` (M,) and ``h' = 1 - h^2``. The
-    hand-written backward pass makes five elementwise passes over (N, M) where autograd makes
-    twelve, and works in place on its own temporaries; it is not itself differentiable.
+    hand-written backward pass reuses ``h`` and ``h'`` from the forward pass and works in place
+    on its own temporaries (fewer, smaller kernels than autograd's; about 15% faster on the CPU
+    here); it is not itself differentiable (no double backward).
     """
 
     @staticmethod
@@ -251,53 +287,31 @@ class _Factors:
 
     def solve_activation(self, c: Tensor, tol: float | None, max_iter: int) -> Tensor:
         """:math:`h(\\tilde R \\mathbf{v} + \\mathbf{b})` at the root of
-        :math:`\\mathbf{v} + R h(\\tilde R \\mathbf{v} + \\mathbf{b}) = \\mathbf{c}` (module
-        documentation), by Newton's method with Armijo backtracking."""
+        :math:`\\mathbf{v} + R h(\\tilde R \\mathbf{v} + \\mathbf{b}) = \\mathbf{c}`, by
+        back substitution (module documentation)."""
         r, r_tilde, bias = self.r, self.r_tilde, self.bias
-        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-        if tol is None:
-            tol = math.sqrt(torch.finfo(c.dtype).eps)
-
-        def residual(v: Tensor) -> tuple[Tensor, Tensor]:
-            activation = torch.tanh(_matvec(r_tilde, v) + bias)
-            return v + _matvec(r, activation) - c, activation
-
-        def newton_step(g: Tensor, activation: Tensor) -> Tensor:
-            # J = I + R diag(h') R~, upper triangular.
-            jacobian = eye + (r * (1 - activation.square()).unsqueeze(-2)) @ r_tilde
-            return torch.linalg.solve_triangular(jacobian, g.unsqueeze(-1), upper=True)[..., 0]
-
+        tol = math.sqrt(torch.finfo(c.dtype).eps) if tol is None else tol
         with torch.no_grad():
-            v = c.detach()
-            g, activation = residual(v)
-            for _ in range(max_iter):
-                step = newton_step(g, activation)
-                # Data-dependent stop (a host synchronisation): near the root the error after a
-                # step is about the square of the step, so sqrt(eps) leaves machine precision.
-                if bool((step.abs() <= tol * (1 + v.abs())).all()):
-                    v = v - step
-                    break
-                merit = g.square().sum(-1)
-                t = torch.ones_like(merit)
-                for _ in range(_MAX_HALVINGS):
-                    trial = v - t.unsqueeze(-1) * step
-                    trial_g, trial_activation = residual(trial)
-                    rejected = trial_g.square().sum(-1) > (1 - _ARMIJO * t) * merit
-                    if not bool(rejected.any()):
-                        break
-                    t = torch.where(rejected, 0.5 * t, t)
-                v, g, activation = trial, trial_g, trial_activation
-            else:
-                warnings.warn(
-                    f"Sylvester inverse: Newton's method did not converge in {max_iter} "
-                    f"iterations (last step {step.abs().max().item():.3g})",
-                    RuntimeWarning,
-                    stacklevel=4,
+            v = c.new_zeros(torch.broadcast_shapes(c.shape, bias.shape))
+            activation = torch.zeros_like(v)
+            for i in reversed(range(v.shape[-1])):  # row i involves v_i, ..., v_M only
+                later = slice(i + 1, None)
+                shift = bias[..., i] + (r_tilde[..., i, later] * v[..., later]).sum(-1)
+                target = c[..., i] - (r[..., i, later] * activation[..., later]).sum(-1)
+                v[..., i], activation[..., i] = _solve_monotone(
+                    r[..., i, i], r_tilde[..., i, i], shift, target, tol, max_iter
                 )
-        # One differentiable Newton step from the detached root: exact implicit gradients.
-        g, activation = residual(v)
-        v = v - newton_step(g, activation)
-        return torch.tanh(_matvec(r_tilde, v) + bias)
+            if not any(t.requires_grad for t in (c, r, r_tilde, bias)):
+                return activation
+            eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+            jacobian = eye + (r * (1 - activation.square()).unsqueeze(-2)) @ r_tilde
+        # Implicit differentiation: a correction that is zero in value and has the derivative
+        # -J^{-1} dg of the root v(c, R, R~, b) of g, for one triangular solve.
+        g = v + _matvec(r, torch.tanh(_matvec(r_tilde, v) + bias)) - c
+        correction = torch.linalg.solve_triangular(
+            jacobian, (g - g.detach()).unsqueeze(-1), upper=True
+        )[..., 0]
+        return torch.tanh(_matvec(r_tilde, v - correction) + bias)
 
 
 class _SylvesterTransform(Transform):
@@ -399,7 +413,7 @@ class ConditionedSylvester(_SylvesterTransform):
         if q is not None:
             basis: _Basis = _DenseBasis(q)
         elif householder_vectors is not None:
-            basis = _HouseholderProduct(householder_vectors)
+            basis = _householder_product(householder_vectors)
         else:
             basis = _PermutationBasis(permute)
         self._fixed_factors = _Factors(basis, r.triu(), r_tilde.triu(), bias)
@@ -450,8 +464,9 @@ class Sylvester(_SylvesterTransform, TransformModule):
     The log-determinant is exact at any parameter values and is returned by the forward pass
     without recomputation (:meth:`call_and_ladj`, or :meth:`log_abs_det_jacobian` on the cached
     pair). The inverse accepts any point, not only cached forward outputs: it solves an
-    :math:`M`-dimensional triangular system by Newton's method with Armijo backtracking, which
-    converges from any start (see :mod:`pyro_dgm.transforms.sylvester`). A forward call costs
+    :math:`M`-dimensional triangular system by back substitution, each row by Newton's method
+    from a start from which it provably converges (see :mod:`pyro_dgm.transforms.sylvester`);
+    it is differentiable, with implicit-function derivatives. A forward call costs
     two :math:`(\ldots, D) \times (D, M)` products whatever :math:`Q` is, as :math:`Q` is folded
     into the triangular factors once per call. Inputs may have any batch shape ``(..., D)``.
 
@@ -462,14 +477,14 @@ class Sylvester(_SylvesterTransform, TransformModule):
         flow = dist.TransformedDistribution(base, flows)
         z = flow.rsample((128,))
         log_q = flow.log_prob(z)  # the cached inverse and log-determinants
-        log_q_new = flow.log_prob(torch.randn(5, 10))  # any point: Newton inverse
+        log_q_new = flow.log_prob(torch.randn(5, 10))  # any point: the solved inverse
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
     :param kind: how :math:`Q` is built: ``"orthogonal"`` (O-SNF: a free :math:`D \times M`
         matrix, divided by :math:`\lVert Q^T Q \rVert_F^{1/2}` so that all singular values lie
         in (0, 1], then ``orthogonalization_steps`` iterations of
-        :math:`Q \leftarrow Q (I + \tfrac12 (I - Q^T Q))` [3]), ``"householder"`` (H-SNF:
+        :math:`Q \leftarrow Q (I + \tfrac12 (I - Q^T Q))` [2]), ``"householder"`` (H-SNF:
         :math:`Q = H_1 \cdots H_K`, :math:`M = D`) or ``"triangular"`` (T-SNF: :math:`Q` the
         identity or the reversal permutation, :math:`M = D`).
     :type kind: str
@@ -488,20 +503,21 @@ class Sylvester(_SylvesterTransform, TransformModule):
         so the default 30 does unless the free matrix's condition number exceeds about
         :math:`10^4`.
     :type orthogonalization_steps: int
-    :param inverse_tol: the inverse's Newton iteration stops once every component of the step
-        is at most ``inverse_tol * (1 + |v|)``, leaving an error of about the square of that.
-        Defaults to the square root of the machine epsilon of the input's dtype.
+    :param inverse_tol: the inverse's Newton iterations (one per row of the triangular system)
+        stop once every step is at most ``inverse_tol * (1 + |v|)``, which leaves an error of
+        about the square of that. Defaults to the square root of the machine epsilon of the
+        input's dtype. The stop is data-dependent (a host synchronisation per step), which is
+        acceptable for the inverse: it is not part of a training step's forward pass.
     :type inverse_tol: float or None
-    :param inverse_max_iter: the most Newton steps of the inverse (typically 5 to 15 are taken).
+    :param inverse_max_iter: the most Newton steps per row (7 to 22 were taken in stress tests,
+        with diagonal products rounding to :math:`\pm 1`); a warning is issued if exceeded.
     :type inverse_max_iter: int
 
     References:
 
     1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
        for Variational Inference", UAI 2018, arXiv:1803.05649.
-    2. J. E. Dennis, R. B. Schnabel, "Numerical Methods for Unconstrained Optimization and
-       Nonlinear Equations", SIAM (1996).
-    3. Å. Björck, C. Bowie, "An iterative algorithm for computing the best estimate of an
+    2. Å. Björck, C. Bowie, "An iterative algorithm for computing the best estimate of an
        orthogonal matrix", SIAM J. Numer. Anal. 8 (1971).
     """
 
@@ -547,7 +563,7 @@ class Sylvester(_SylvesterTransform, TransformModule):
         if self.kind == "orthogonal":
             basis: _Basis = _DenseBasis(_orthogonalize(self.q_free, self.orthogonalization_steps))
         elif self.kind == "householder":
-            basis = _HouseholderProduct(self.householder_vectors)
+            basis = _householder_product(self.householder_vectors)
         else:
             basis = _PermutationBasis(self.permute)
         r, r_tilde = _triangular_factors(self.triangular, self.diag_tilde)
