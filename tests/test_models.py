@@ -66,6 +66,21 @@ def test_svi_with_pyro_optimizer_trains_every_network():
         assert not torch.equal(parameter.detach(), before[name]), name
 
 
+def test_two_models_in_one_process_keep_their_own_parameters():
+    """Pyro's param store is global: each VAE registers under a name of its own."""
+    pyro.clear_param_store()
+    x = torch.bernoulli(torch.full((8, 12), 0.3))
+    first, second = (VAE("vmf", 2, input_dim=12, hidden_dims=(8,)) for _ in range(2))
+    elbo = TraceAnalyticKL_ELBO()
+    for vae in (first, second, first):
+        optimizer = torch.optim.Adam(vae.parameters(), lr=0.01)
+        loss = elbo.differentiable_loss(vae.model, vae.guide, x)
+        loss.backward()
+        optimizer.step()
+    assert len(pyro.get_param_store()) == 2 * len(list(first.parameters()))
+    assert not torch.equal(first.decoder.layers[0].weight, second.decoder.layers[0].weight)
+
+
 @pytest.mark.parametrize("latent", ["bernoulli", "gaussian"])
 def test_rejects_unknown_latent(latent):
     with pytest.raises(ValueError, match="latent must be one of"):

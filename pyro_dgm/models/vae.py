@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pyro
@@ -10,7 +11,6 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.nn import DenseNN, PyroModule
-from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
@@ -18,6 +18,7 @@ from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
 __all__ = ["VAE"]
 
 _LATENTS = ("normal", "vmf")
+_INSTANCES = itertools.count()
 
 
 class VAE(PyroModule):
@@ -74,6 +75,11 @@ class VAE(PyroModule):
                 f"{input_dim}, {tuple(hidden_dims)}"
             )
         super().__init__()
+        # model and guide register the networks' parameters with Pyro (pyro.module), so that
+        # SVI with a pyro.optim optimizer trains them; a torch optimizer over
+        # vae.parameters() works too. The param store is global: each VAE gets a name of its
+        # own, since two registering under one name would silently share parameters.
+        self.pyro_name = f"VAE{next(_INSTANCES)}"
         self.latent = latent
         self.latent_dim = latent_dim
         self.input_dim = input_dim
@@ -86,12 +92,11 @@ class VAE(PyroModule):
         self.encoder = nn.Sequential(*layers)
         second_head = 1 if latent == "vmf" else latent_dim  # concentration or scale
         self.posterior_head = nn.Linear(hidden_dims[-1], self.event_dim + second_head)
-        self.decoder = DenseNN(self.event_dim, list(reversed(hidden_dims)), [input_dim])
-        # As PyroModules, the networks announce their parameters to Pyro (pyro.param) when
-        # model and guide run, so that SVI with a pyro.optim optimizer trains them; a torch
-        # optimizer over vae.parameters() works as well.
-        for network in (self.encoder, self.posterior_head, self.decoder):
-            to_pyro_module_(network)
+        # An activation module of its own: DenseNN's default nn.ReLU() is one instance shared
+        # by every DenseNN (harmless here, but not if a user converts it to a PyroModule).
+        self.decoder = DenseNN(
+            self.event_dim, list(reversed(hidden_dims)), [input_dim], nonlinearity=nn.ReLU()
+        )
 
     def posterior(self, x: Tensor) -> pyro_dist.TorchDistribution:
         """The variational posterior :math:`q(z \\mid x)`: batch shape ``(B,)``, event shape
@@ -133,6 +138,7 @@ class VAE(PyroModule):
         num_data: int | None = None,
         kl_scale: float = 1.0,
     ) -> None:
+        pyro.module(f"{self.pyro_name}.decoder", self.decoder)
         with self._data_plate(x, indices, num_data):
             with poutine.scale(scale=kl_scale):
                 z = pyro.sample("z", self.prior(x.shape[0], x))
@@ -149,6 +155,8 @@ class VAE(PyroModule):
         num_data: int | None = None,
         kl_scale: float = 1.0,
     ) -> None:
+        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
+        pyro.module(f"{self.pyro_name}.posterior_head", self.posterior_head)
         with self._data_plate(x, indices, num_data):
             with poutine.scale(scale=kl_scale):
                 pyro.sample("z", self.posterior(x))
