@@ -15,11 +15,12 @@ of two ways, whichever is faster for where the vectors come from:
   :math:`K \times K` triangular solve, after which :math:`Q` or :math:`Q^T` acts on a whole batch
   by two :math:`D \times K` GEMMs, instead of :math:`K` rounds of small kernels forward and
   backward.
-* Per-data-point vectors (amortized): the reflections one after another, two fused
-  elementwise-and-reduce operations over the batch each. Neither a :math:`D \times D` matrix per
-  data point (:math:`K D^2` work and memory per point) nor the UT form (a batch of small
-  triangular solves, which on the CPU is a loop over the batch, measured 2-3 times slower than
-  the reflections for :math:`K = 8, D = 64`, batch 1024) pays off here.
+* Per-data-point vectors (amortized): the reflections one after another, a dot product and a
+  fused multiply-add over the batch each. For :math:`K = 8, D = 64` and a batch of 1024
+  (forward and backward, one CPU thread) this took 6 ms, against 12 ms for the UT form (a batch
+  of small triangular solves, which the CPU runs as a loop) and 240 ms for multiplying out a
+  :math:`D \times D` matrix per data point as the reference code of the Sylvester flow paper
+  does.
 
 References:
 

@@ -46,9 +46,13 @@ iterations); Newton on the whole system has no convergence guarantee, and global
 backtracking on :math:`\lVert \mathbf{g} \rVert^2` stalls in the flat regions of a saturated
 :math:`\tanh` where the full step would have landed on the root. The back substitution costs
 :math:`M` rounds of a few scalar Newton steps (7 to 22 in stress tests), each round over the
-whole batch at once. The iterations run without gradient tracking; a correction that is zero in
-value and carries the implicit-function derivative :math:`-J^{-1} \partial \mathbf{g}` makes the
-inverse differentiable in :math:`\mathbf{z}'` and in the parameters.
+whole batch at once. The result is backward stable: it reproduces :math:`\mathbf{z}'` to
+rounding; its distance from the exact preimage is that rounding times the condition number of
+:math:`J`, which large off-diagonal entries can make big (:math:`10^7` for random amortized
+factors with :math:`M = 64`: use float64 to invert such flows accurately). The iterations run
+without gradient tracking; a correction that is zero in value and carries the implicit-function
+derivative :math:`-J^{-1} \partial \mathbf{g}` makes the inverse differentiable in
+:math:`\mathbf{z}'` and in the parameters.
 
 References:
 
@@ -209,8 +213,9 @@ class _SylvesterRows(torch.autograd.Function):
     ``y = x + h(x E + b) F`` and ``log|det J| = sum_i log1p(d_i h'_i)``, with ``E = Q R~^T``
     (D, M), ``F = R^T Q^T`` (M, D), ``d = diag(R) diag(R~)`` (M,) and ``h' = 1 - h^2``. The
     hand-written backward pass reuses ``h`` and ``h'`` from the forward pass and works in place
-    on its own temporaries (fewer, smaller kernels than autograd's; about 15% faster on the CPU
-    here); it is not itself differentiable (no double backward).
+    on its own temporaries: fewer kernels and allocations than autograd's graph (measured 7% to
+    25% faster for the benchmark's stack on a busy two-core CPU). It is not itself
+    differentiable (no double backward).
     """
 
     @staticmethod
@@ -423,9 +428,11 @@ class ConditionedSylvester(_SylvesterTransform):
 
 
 def _check_kind(
-    input_dim: int, kind: str, bottleneck: int | None, count_householder: int | None
+    input_dim: int, kind: str, bottleneck: int | None, count_householder: int | None, permute: bool
 ) -> tuple[int, tuple[int, int] | None]:
     """Validate the kind-specific arguments; return M and the shape of Q's free parameters."""
+    if permute and kind != "triangular":
+        raise ValueError("permute applies to kind='triangular' only")
     if kind == "orthogonal":
         if count_householder is not None:
             raise ValueError("count_householder applies to kind='householder' only")
@@ -533,7 +540,7 @@ class Sylvester(_SylvesterTransform, TransformModule):
         inverse_max_iter: int = 100,
     ) -> None:
         super().__init__(inverse_tol, inverse_max_iter)
-        rank, q_shape = _check_kind(input_dim, kind, bottleneck, count_householder)
+        rank, q_shape = _check_kind(input_dim, kind, bottleneck, count_householder, permute)
         self.input_dim = input_dim
         self.kind = kind
         self.bottleneck = rank
@@ -586,9 +593,9 @@ class ConditionalSylvester(ConditionalTransformModule):
     ``condition(context)`` returns a :class:`ConditionedSylvester` whose factors have the
     context's batch shape ``B``; inputs of shape ``(..., *B, D)`` (e.g. ``(S, B, D)`` for
     :math:`S` particles) broadcast against it. Per-data-point factors are applied one after
-    another, so no :math:`D \times D` (or :math:`D \times M`) product is formed per data point,
-    and reflections are applied in the compact form of
-    :mod:`pyro_dgm.transforms.householder`.
+    another, so no :math:`D \times D` (or :math:`D \times M`) product is formed per data point;
+    the householder kind applies its reflections one by one (measured against the alternatives
+    in :mod:`pyro_dgm.transforms.householder`).
 
     Example::
 
@@ -643,7 +650,7 @@ class ConditionalSylvester(ConditionalTransformModule):
         hidden_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        rank, q_shape = _check_kind(input_dim, kind, bottleneck, count_householder)
+        rank, q_shape = _check_kind(input_dim, kind, bottleneck, count_householder, permute)
         self.input_dim = input_dim
         self.context_dim = context_dim
         self.kind = kind
