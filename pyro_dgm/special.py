@@ -15,8 +15,8 @@ Numerical regime (all arithmetic in float64, results cast back to the input's dt
   :math:`u = v + N` (``N = 24``, 9 terms), accurate to a few :math:`10^{-14}` for every
   :math:`x`, followed by ``N`` steps of the recurrence
   :math:`r_{n-1} = 1 / (2 n / x + r_n)` for :math:`r_n = I_{n+1}(x) / I_n(x)`, which is stable
-  downwards [2]. The starting ratio comes from a cancellation-free difference of two Debye
-  expansions.
+  downwards [2]. The starting ratio :math:`r_u` comes from Debye's expansion of
+  :math:`I_u'` [1, 10.41.4] at the same order, written so that nothing cancels.
 
 References:
 
@@ -78,32 +78,30 @@ def _debye_polynomials(count: int) -> list[list[Fraction]]:
 
 @cache
 def _debye_matrix(device: torch.device) -> Tensor:
-    """(K, K) float64 matrix A with U_k(p) = p^k sum_i A[i, k] p^(2 i), cached per device.
+    """(K, 2K) float64 matrix [A | B], cached per device, with
 
-    U_k has only the powers p^k, p^(k+2), ..., p^(3k) [DLMF 10.41.10], so the whole sum
-    sum_k U_k(p) / u^k = sum_k (p / u)^k V_k(p^2) needs powers up to K - 1 of p^2 and p / u.
+    U_k(p) = p^k sum_i A[i, k] p^(2 i)   and   W_k(p) = p^k sum_i B[i, k] p^(2 i),
+
+    W_k = (V_k - U_k) / (1 - p^2) = -p (U_{k-1} / 2 + p U_{k-1}') [DLMF 10.41.11], V_k being
+    Debye's polynomials of I_u'. U_k and W_k have only the powers p^k, p^(k+2), ..., so
+    sum_k U_k(p) / u^k = sum_k h^-k A_k(p^2) with h = u / p, and likewise for W.
     """
     polynomials = _debye_polynomials(_DEBYE_TERMS)
-    matrix = torch.zeros(_DEBYE_TERMS, _DEBYE_TERMS, dtype=torch.float64)
+    matrix = torch.zeros(_DEBYE_TERMS, 2 * _DEBYE_TERMS, dtype=torch.float64)
     for k, polynomial in enumerate(polynomials):
         assert all(c == 0 for j, c in enumerate(polynomial) if j < k or (j - k) % 2)
         matrix[: k + 1, k] = torch.tensor(
             [float(c) for c in polynomial[k::2]], dtype=torch.float64
         )
+        if k > 0:  # W_k = -sum_j (j + 1/2) c_j p^(j + 1), c_j the coefficients of U_{k-1}
+            w = [Fraction(0)] * (len(polynomials[k - 1]) + 1)
+            for j, c in enumerate(polynomials[k - 1]):
+                w[j + 1] = -(j + Fraction(1, 2)) * c
+            assert all(c == 0 for j, c in enumerate(w) if j < k or (j - k) % 2)
+            matrix[: len(w[k::2]), _DEBYE_TERMS + k] = torch.tensor(
+                [float(c) for c in w[k::2]], dtype=torch.float64
+            )
     return matrix.to(device)
-
-
-def _debye_log_series(p: Tensor, inverse_hypot: Tensor) -> Tensor:
-    """log sum_k U_k(p) / u^k, the correction factor of Debye's expansion of I_u(x).
-
-    With p = u / h and h = sqrt(u^2 + x^2): sum_k U_k(p) / u^k = sum_k (1 / h)^k V_k(p^2).
-    """
-    matrix = _debye_matrix(p.device)
-    powers = _powers(torch.stack([p * p, inverse_hypot]), _DEBYE_TERMS)  # (K, 2, ...)
-    # (K, K) @ (K, n): V_k(p^2) for every k, then weighted by h^-k and summed
-    polynomial_values = matrix.T @ powers[:, 0].flatten(1)
-    weighted = polynomial_values * powers[:, 1].flatten(1)
-    return weighted.sum(0).reshape(p.shape).log()
 
 
 def _powers(base: Tensor, count: int) -> Tensor:
@@ -117,28 +115,33 @@ def _powers(base: Tensor, count: int) -> Tensor:
 
 
 def _debye_log_iv_and_ratio(order: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
-    """log I_u(x) and I_{u+1}(x) / I_u(x) from Debye's expansion, for u >= _SHIFT and x > 0.
+    """log I_u(x) and I_{u+1}(x) / I_u(x) from Debye's expansions of I_u and I_u' [DLMF 10.41.3,
+    10.41.4], for u >= _SHIFT and x > 0. With h = sqrt(u^2 + x^2) and p = u / h:
 
-    log I_u(x) = h + u log(x / (u + h)) - log(2 pi h) / 2 + log S(u, p),  h = sqrt(u^2 + x^2),
-    p = u / h. The ratio uses the difference of the expansions at u + 1 and u, each part
-    rewritten so that no two large numbers are subtracted.
+    log I_u(x) = h + u log(x / (u + h)) - log(2 pi h) / 2 + log S_U,
+    I_{u+1} / I_u = I_u' / I_u - u / x = x (1 / (h + u) + S_W / (h S_U)),
+
+    S_U = sum_k U_k(p) / u^k, S_W = sum_k W_k(p) / u^k; the second form comes from
+    h S_V / S_U - u = x^2 / (h + u) + h (1 - p^2) S_W / S_U and subtracts nothing.
     """
-    h0 = (x * x + order * order).sqrt()
-    h1 = (x * x + (order + 1) * (order + 1)).sqrt()
-    log_series = _debye_log_series(
-        torch.stack([order / h0, (order + 1) / h1]), torch.stack([h0, h1]).reciprocal()
+    hypot = (x * x + order * order).sqrt()
+    inverse_hypot = hypot.reciprocal()
+    p = order * inverse_hypot
+    powers = _powers(torch.stack([p * p, inverse_hypot]), _DEBYE_TERMS)  # (K, 2, ...)
+    # (2K, K) @ (K, n): A_k(p^2) and B_k(p^2) for every k, then weighted by h^-k and summed
+    polynomials = _debye_matrix(x.device).T @ powers[:, 0].reshape(_DEBYE_TERMS, -1)
+    weights = powers[:, 1].reshape(_DEBYE_TERMS, -1)
+    sum_u = (polynomials[:_DEBYE_TERMS] * weights).sum(0).reshape(x.shape)
+    sum_w = (polynomials[_DEBYE_TERMS:] * weights).sum(0).reshape(x.shape)
+    log_iv = (
+        hypot
+        + order * torch.log(x / (order + hypot))
+        - 0.5 * hypot.log()
+        - _HALF_LOG_2PI
+        + sum_u.log()
     )
-    log_iv = h0 + order * torch.log(x / (order + h0)) - 0.5 * h0.log() - _HALF_LOG_2PI
-    log_iv = log_iv + log_series[0]
-    h_step = (2 * order + 1) / (h0 + h1)  # h1 - h0
-    log_ratio = (
-        h_step
-        + torch.log(x / (order + 1 + h1))
-        + order * torch.log1p(-(1 + h_step) / (order + 1 + h1))
-        - 0.5 * torch.log1p(h_step / h0)
-        + (log_series[1] - log_series[0])
-    )
-    return log_iv, log_ratio.exp()
+    ratio = x * ((hypot + order).reciprocal() + sum_w * inverse_hypot / sum_u)
+    return log_iv, ratio
 
 
 def _series_log_normalized_and_ratio(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
