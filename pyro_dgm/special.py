@@ -239,7 +239,7 @@ def _as_tensors(v: Tensor | float, x: Tensor | float) -> tuple[Tensor, Tensor]:
 
 def _save(ctx, v: Tensor | float, x: Tensor, ratio: Tensor) -> None:
     ctx.v_number = None if torch.is_tensor(v) else v
-    ctx.x_shape = x.shape
+    ctx.x_shape, ctx.dtype = x.shape, x.dtype
     ctx.save_for_backward(x, ratio, *([v] if torch.is_tensor(v) else []))
 
 
@@ -265,65 +265,31 @@ def _ratio_derivative(v: Tensor | float, x: Tensor, ratio: Tensor) -> Tensor:
     return 1 - ratio * ratio - (2 * v + 1) * ratio_over_x
 
 
-class _LogBesselIv(torch.autograd.Function):
+class _BesselParts(torch.autograd.Function):
+    """(log I_v(x), log 0F1(; v + 1; x^2 / 4), I_{v+1}(x) / I_v(x)), differentiable in x.
+
+    d/dx of the three: r + v / x, r, and 1 - r^2 - (2 v + 1) r / x, with r the ratio.
+    """
+
     @staticmethod
-    def forward(ctx, v: Tensor | float, x: Tensor) -> Tensor:
-        log_iv, _, ratio = _log_iv_parts(v, x)
+    def forward(ctx, v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        log_iv, normalized, ratio = _log_iv_parts(v, x)
         _save(ctx, v, x, ratio)
-        return log_iv.to(x.dtype)
+        ctx.set_materialize_grads(False)  # unused outputs: None, not 0 * (possibly inf)
+        return log_iv.to(x.dtype), normalized.to(x.dtype), ratio.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+    def backward(ctx, grad_log_iv, grad_normalized, grad_ratio) -> tuple[None, Tensor]:
         v, x, ratio = _saved(ctx)
-        derivative = ratio + _order_over_x(v, x)
-        return None, _sum_to_shape(grad * derivative.to(grad.dtype), ctx.x_shape)
-
-
-class _LogBesselIvNormalized(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v: Tensor | float, x: Tensor) -> Tensor:
-        _, normalized, ratio = _log_iv_parts(v, x)
-        _save(ctx, v, x, ratio)
-        return normalized.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
-        _, _, ratio = _saved(ctx)
-        return None, _sum_to_shape(grad * ratio.to(grad.dtype), ctx.x_shape)
-
-
-class _BesselIvRatio(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v: Tensor | float, x: Tensor) -> Tensor:
-        _, _, ratio = _log_iv_parts(v, x)
-        _save(ctx, v, x, ratio)
-        return ratio.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
-        derivative = _ratio_derivative(*_saved(ctx))
-        return None, _sum_to_shape(grad * derivative.to(grad.dtype), ctx.x_shape)
-
-
-class _LogBesselIvNormalizedAndRatio(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
-        _, normalized, ratio = _log_iv_parts(v, x)
-        _save(ctx, v, x, ratio)
-        return normalized.to(x.dtype), ratio.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_normalized: Tensor, grad_ratio: Tensor) -> tuple[None, Tensor]:
-        v, x, ratio = _saved(ctx)
-        dtype = grad_normalized.dtype
-        grad = grad_normalized * ratio.to(dtype) + grad_ratio * _ratio_derivative(
-            v, x, ratio
-        ).to(dtype)
-        return None, _sum_to_shape(grad, ctx.x_shape)
+        grad = torch.zeros_like(ratio)
+        if grad_log_iv is not None:
+            grad = grad + grad_log_iv * (ratio + _order_over_x(v, x))
+        if grad_normalized is not None:
+            grad = grad + grad_normalized * ratio
+        if grad_ratio is not None:
+            grad = grad + grad_ratio * _ratio_derivative(v, x, ratio)
+        return None, _sum_to_shape(grad.to(ctx.dtype), ctx.x_shape)
 
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -358,7 +324,7 @@ def log_bessel_iv(v: Tensor | float, x: Tensor | float) -> Tensor:
         tensor([ 0.1614, 996.0878], dtype=torch.float64)
     """
     v, x = _as_tensors(v, x)
-    return _LogBesselIv.apply(v, x)
+    return _BesselParts.apply(v, x)[0]
 
 
 def log_bessel_iv_normalized(v: Tensor | float, x: Tensor | float) -> Tensor:
@@ -375,7 +341,7 @@ def log_bessel_iv_normalized(v: Tensor | float, x: Tensor | float) -> Tensor:
     :returns: tensor of the broadcast shape, on ``x``'s device and of its dtype.
     """
     v, x = _as_tensors(v, x)
-    return _LogBesselIvNormalized.apply(v, x)
+    return _BesselParts.apply(v, x)[1]
 
 
 def bessel_iv_ratio(v: Tensor | float, x: Tensor | float) -> Tensor:
@@ -391,7 +357,7 @@ def bessel_iv_ratio(v: Tensor | float, x: Tensor | float) -> Tensor:
     :returns: tensor of the broadcast shape, on ``x``'s device and of its dtype.
     """
     v, x = _as_tensors(v, x)
-    return _BesselIvRatio.apply(v, x)
+    return _BesselParts.apply(v, x)[2]
 
 
 def log_bessel_iv_normalized_and_ratio(
@@ -406,4 +372,4 @@ def log_bessel_iv_normalized_and_ratio(
         its dtype.
     """
     v, x = _as_tensors(v, x)
-    return _LogBesselIvNormalizedAndRatio.apply(v, x)
+    return _BesselParts.apply(v, x)[1:]
