@@ -13,22 +13,41 @@ Timing: after warm-up, rounds in which every row is timed in turn over a block o
 (interleaved, so that a busy machine slows all rows alike); the table gives each row's median
 over rounds, in ms per step. CUDA is synchronised before reading the clock.
 
-Run: ``python benchmarks/bench_flows.py``.
+Second table: one training epoch of the flow VAEs of ``examples/flows_mnist.py`` (its default
+settings) on statically binarized MNIST: ``pyro_dgm.models.VAE`` with latent dimension 64,
+MLP encoder 784-300-300 and mirrored decoder, 16 flows of each kind (none, planar, IAF,
+Householder, and the orthogonal, Householder and triangular Sylvester flows), batch 100 on the
+50,000 training images (500 steps), Adam lr 1e-3, ``TraceAnalyticKL_ELBO`` through
+:func:`pyro_dgm.infer.train_epoch`. After 5 warm-up steps per kind, every kind trains in turn
+for a full epoch (median of 2 rounds), or with ``--quick`` for 3 interleaved rounds of 20-step
+blocks whose median is extrapolated to 500 steps (the header says which). Without the data in
+``../shared/data/BinarizedMNIST`` (or ``$PYRO_DGM_DATA_DIR``), random binary images stand in
+(the timing does not depend on the pixels).
+
+Run: ``python benchmarks/bench_flows.py [--quick] [--device cpu|cuda] [--threads N]``.
 """
 
 from __future__ import annotations
 
 __all__ = ["main"]
 
+import argparse
+import functools
+import itertools
 import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import pyro
 import pyro.distributions.transforms as pyro_transforms
 import torch
 from torch import Tensor, nn
 
+from pyro_dgm.data import MinibatchLoader, load_binarized_mnist
+from pyro_dgm.infer import TraceAnalyticKL_ELBO, train_epoch
+from pyro_dgm.models import VAE
 from pyro_dgm.transforms import (
     ConditionalHouseholder,
     ConditionalSylvester,
@@ -42,6 +61,15 @@ DEPTH = 8
 CONTEXT_DIM = 256
 ROUNDS = 7
 BLOCK_SECONDS = 0.15  # timed steps per row and round
+QUICK_ROUNDS, QUICK_BLOCK_SECONDS = 3, 0.05
+
+DATA_DIR = Path(
+    os.environ.get("PYRO_DGM_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+VAE_FLOWS = ("none", "planar", "iaf", "householder", "orthogonal-sylvester",
+             "householder-sylvester", "triangular-sylvester")
+VAE_LATENT_DIM, VAE_NUM_FLOWS, VAE_BATCH, VAE_HIDDEN = 64, 16, 100, (300, 300)
+VAE_WARMUP_STEPS, VAE_ROUNDS, VAE_QUICK_ROUNDS, VAE_QUICK_STEPS = 5, 2, 3, 20
 
 
 class _Stack:
@@ -115,7 +143,8 @@ def _seconds_per_step(stack: _Stack, x: Tensor, context: Tensor, steps: int) -> 
     return (time.perf_counter() - start) / steps
 
 
-def _benchmark(device: torch.device) -> None:
+def _benchmark(device: torch.device, rounds: int = ROUNDS,
+               block_seconds: float = BLOCK_SECONDS) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, DIM, generator=generator).to(device)
     context = torch.randn(BATCH, CONTEXT_DIM, generator=generator).to(device)
@@ -131,9 +160,9 @@ def _benchmark(device: torch.device) -> None:
             failed[name] = str(error).splitlines()[0]
             continue
         rows[name] = (stack, reference)
-        steps[name] = max(1, round(BLOCK_SECONDS / seconds))
+        steps[name] = max(1, round(block_seconds / seconds))
     times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, (stack, _) in rows.items():
             times[name].append(_seconds_per_step(stack, x, context, steps[name]))
     median_ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
@@ -149,22 +178,105 @@ def _benchmark(device: torch.device) -> None:
             print(f"{name:<28} {median_ms[name]:8.2f} {ratio:>10}")
 
 
-def main() -> None:
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+def _training_images(device: torch.device) -> tuple[Tensor, str]:
+    try:
+        return load_binarized_mnist(DATA_DIR, "train").to(device), f"binarized MNIST, {DATA_DIR}"
+    except FileNotFoundError:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.bernoulli(torch.full((50_000, 784), 0.13), generator=generator)
+        return images.to(device), f"random binary images (no binarized MNIST in {DATA_DIR})"
+
+
+def benchmark_vae_epochs(device: torch.device, quick: bool) -> None:
+    """Seconds per training epoch of the flow VAEs (see the module documentation)."""
+    images, source = _training_images(device)
+    loader = MinibatchLoader(images, VAE_BATCH, binarize=False, return_indices=True)
+    steps_per_epoch, num_data = len(loader), loader.num_examples
+    rounds, steps = (VAE_QUICK_ROUNDS, VAE_QUICK_STEPS) if quick else (VAE_ROUNDS, len(loader))
+    block = "full epochs" if steps == len(loader) else f"{steps}-step blocks, extrapolated"
+    print(
+        f"\nOne training epoch of the flow VAEs: d = {VAE_LATENT_DIM}, {VAE_NUM_FLOWS} flows, MLP "
+        f"{VAE_HIDDEN}, batch {VAE_BATCH}, Adam lr 1e-3, {source} ({num_data:,} images, "
+        f"{steps_per_epoch} steps per epoch);\nmedian of {rounds} interleaved rounds of {block}; "
+        f"{VAE_WARMUP_STEPS} warm-up steps per kind."
+    )
+    trainers = {}
+    for kind in VAE_FLOWS:
+        torch.manual_seed(0)
+        vae = VAE("normal", VAE_LATENT_DIM, hidden_dims=VAE_HIDDEN, num_flows=VAE_NUM_FLOWS,
+                  flow=None if kind == "none" else kind).to(device)
+        loss = functools.partial(TraceAnalyticKL_ELBO().differentiable_loss, vae.model,
+                                 vae.guide)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+        trainers[kind] = functools.partial(train_epoch, loss, optimizer, progress=False,
+                                           loss_scale=num_data, num_data=num_data)
+        trainers[kind](itertools.islice(loader, VAE_WARMUP_STEPS))
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds: dict[str, list[float]] = {kind: [] for kind in VAE_FLOWS}
+    losses: dict[str, float] = {}
+    for _ in range(rounds):
+        for kind, train in trainers.items():
+            synchronize()
+            start = time.perf_counter()
+            losses[kind] = train(itertools.islice(loader, steps))
+            synchronize()
+            seconds[kind].append((time.perf_counter() - start) * steps_per_epoch / steps)
+    epoch = {kind: statistics.median(values) for kind, values in seconds.items()}
+    header = f"{'flow':<24} {'s/epoch':>8} {'ms/step':>8} {'vs none':>8} {'loss':>7}"
+    print(header)
+    print("-" * len(header))
+    for kind in VAE_FLOWS:
+        print(f"{kind:<24} {epoch[kind]:8.2f} {1e3 * epoch[kind] / steps_per_epoch:8.2f} "
+              f"{epoch[kind] / epoch['none']:8.2f} {losses[kind]:7.1f}")
+    print("loss: negative ELBO estimate in nats per image, mean over the last block (a sanity "
+          "check that every kind trains).")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(quick: bool = False, device: str | None = None, threads: int | None = None) -> None:
+    """Print the flow-stack table and the flow-VAE epoch table.
+
+    :param quick: fewer and shorter rounds, and VAE epochs extrapolated from 20-step blocks.
+    :param device: ``"cpu"`` or ``"cuda"``; default both the CPU and, when present, CUDA for the
+        flow stacks, and CUDA when present for the VAE epochs.
+    :param threads: torch's intra-op threads; default all usable cores.
+    """
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    rounds, block_seconds = (
+        (QUICK_ROUNDS, QUICK_BLOCK_SECONDS) if quick else (ROUNDS, BLOCK_SECONDS)
+    )
     print(
         f"{DEPTH} flows, D = {DIM}, batch {BATCH}, float32, forward + log-det + backward; "
-        f"median of {ROUNDS} interleaved rounds; torch {torch.__version__}"
+        f"median of {rounds} interleaved rounds; torch {torch.__version__}"
+        + (", --quick" if quick else "")
     )
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
-    for device in devices:
-        if device.type == "cuda":
-            print(f"\nCUDA: {torch.cuda.get_device_name(device)}")
+    if device is None:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+    else:
+        devices = [torch.device(device)]
+    for device_ in devices:
+        if device_.type == "cuda":
+            print(f"\nCUDA: {torch.cuda.get_device_name(device_)}")
         else:
             print(f"\nCPU: {torch.get_num_threads()} threads")
-        _benchmark(device)
+        _benchmark(device_, rounds, block_seconds)
+    with pyro.validation_enabled(False):
+        benchmark_vae_epochs(torch.device(device or default_device()), quick)
+    pyro.clear_param_store()
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: CPU and CUDA for the flow stacks, CUDA if present for "
+                             "the VAE epochs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: all usable cores)")
+    arguments = parser.parse_args()
+    main(quick=arguments.quick, device=arguments.device, threads=arguments.threads)

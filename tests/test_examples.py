@@ -39,3 +39,41 @@ def test_svae_example_trains_reports_and_resumes(latent, data_dir, tmp_path, mon
     printed = capsys.readouterr().out
     assert "resumed" in printed and "epoch   2" in printed and "epoch   1 " not in printed
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def run_flows_example(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["flows_mnist.py", *map(str, args)])
+    module = runpy.run_path(str(EXAMPLES / "flows_mnist.py"), run_name="flows_mnist")
+    return module["main"]()
+
+
+def test_flows_example_trains_reports_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
+    if not (data_dir / "BinarizedMNIST").is_dir():
+        pytest.skip(f"no BinarizedMNIST in {data_dir}")
+    out = tmp_path / "run"
+    common = ["--flow", "householder-sylvester", "--num-flows", 2, "--latent-dim", 8,
+              "--num-samples", 4, "--train-images", 300, "--valid-images", 100,
+              "--test-images", 100, "--data-dir", data_dir, "--out", out, "--no-progress"]
+    metrics = run_flows_example(monkeypatch, "--epochs", 1, *common)
+    printed = capsys.readouterr().out
+    assert "300 training / 100 validation images" in printed
+    assert "-ELBO" in printed and "NLL" in printed and "householder-sylvester" in printed
+    for name in ("checkpoint.pt", "best.pt", "metrics.json", "samples.png",
+                 "reconstructions.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    test = saved["test"]
+    assert saved["test_images"] == 100 and test["num_samples"] == 4
+    assert test["elbo"] == pytest.approx(test["reconstruction"] - test["kl"], rel=1e-6)
+    assert test["elbo"] <= test["log_likelihood"] + 1.0
+    assert metrics["history"][0]["epoch"] == 1 and "valid_elbo" in metrics["history"][0]
+
+    resumed = run_flows_example(monkeypatch, "--epochs", 2, "--resume", *common)
+    printed = capsys.readouterr().out
+    assert "resumed" in printed and "epoch    2" in printed and "epoch    1 " not in printed
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def test_flows_example_names_the_missing_data(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="binarized_mnist_train.amat"):
+        run_flows_example(monkeypatch, "--data-dir", tmp_path, "--out", tmp_path / "run")

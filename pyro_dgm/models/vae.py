@@ -10,14 +10,24 @@ import pyro.distributions as pyro_dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
+from pyro.distributions.transforms import ConditionalPlanar, conditional_affine_autoregressive
 from pyro.nn import DenseNN, PyroModule
 from torch import Tensor, nn
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
+from pyro_dgm.transforms import ConditionalHouseholder, ConditionalSylvester
 
 __all__ = ["VAE"]
 
 _LATENTS = ("normal", "vmf")
+_FLOWS = (
+    "planar",
+    "iaf",
+    "householder",
+    "orthogonal-sylvester",
+    "householder-sylvester",
+    "triangular-sylvester",
+)
 _INSTANCES = itertools.count()
 
 
@@ -47,11 +57,51 @@ class VAE(PyroModule):
     observation ``"x"``), so :func:`~pyro_dgm.infer.importance_log_likelihood` and
     :func:`~pyro_dgm.infer.elbo_terms` apply directly.
 
+    Posterior flows (Gaussian latents only). With ``flow`` set, :math:`q(z \\mid x)` is the
+    Gaussian :math:`q_0 = \\mathcal{N}(\\mu(x), \\sigma^2(x))` pushed through ``num_flows``
+    normalizing flows :math:`z_K = f_K \\circ \\cdots \\circ f_1(z_0)` whose parameters are
+    amortized: computed from the encoder's last hidden layer :math:`h(x)` (the context, of
+    dimension ``hidden_dims[-1]``), as in the papers below. :meth:`posterior` returns this as one
+    :class:`~pyro.distributions.TransformedDistribution`, so the guide keeps its single site
+    ``"z"``; its ``log_prob`` of the guide's own sample,
+    :math:`\\log q_0(z_0) - \\sum_k \\log \\lvert \\det \\partial f_k / \\partial z_{k-1}
+    \\rvert`, comes from the transforms' caches (no inverse is computed; the planar flow has
+    none). There is no closed-form KL then:
+    :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` falls back to the Monte Carlo KL, and
+    :func:`~pyro_dgm.infer.importance_log_likelihood` applies unchanged. The kinds:
+
+    * ``"planar"``: Pyro's :class:`~pyro.distributions.transforms.ConditionalPlanar`, its
+      parameters a linear function of :math:`h(x)` (Rezende & Mohamed 2015);
+    * ``"iaf"``: Pyro's :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`
+      (inverse autoregressive flow, Kingma et al. 2016), each a
+      :class:`~pyro.nn.ConditionalAutoRegressiveNN` with one hidden layer of width
+      :math:`5d` (320 for :math:`d = 64`) and a random variable order of its own;
+    * ``"householder"``: the Householder flow of Tomczak & Welling (2016),
+      :class:`~pyro_dgm.transforms.ConditionalHouseholder` with ``num_flows`` reflections whose
+      vectors form the paper's chain started from :math:`h(x)`;
+    * ``"orthogonal-sylvester"``, ``"householder-sylvester"``, ``"triangular-sylvester"``: the
+      Sylvester flows of van den Berg et al. (2018),
+      :class:`~pyro_dgm.transforms.ConditionalSylvester` with the class defaults
+      (orthogonal: bottleneck :math:`M = \\min(32, d)`; householder: 8 reflections per flow;
+      triangular: :math:`Q` alternating between the identity and the reversal permutation
+      along the stack).
+
     :param str latent: ``"normal"`` or ``"vmf"``.
     :param int latent_dim: manifold dimension :math:`d \\ge 1`.
     :param int input_dim: data dimension (784 for MNIST).
     :param hidden_dims: encoder hidden widths; the decoder uses them reversed.
-    :raises ValueError: for an unknown ``latent`` or a non-positive dimension.
+    :param flow: ``None`` (default: the plain Gaussian or vMF posterior) or one of the flow
+        kinds above; Gaussian latents only.
+    :type flow: str or None
+    :param int num_flows: number of flows in the stack (of reflections for ``"householder"``).
+    :raises ValueError: for an unknown ``latent`` or ``flow``, a flow with ``latent="vmf"``, or
+        a non-positive dimension or ``num_flows``.
+
+    References: D. J. Rezende, S. Mohamed, "Variational Inference with Normalizing Flows", ICML
+    2015; D. P. Kingma et al., "Improved Variational Inference with Inverse Autoregressive
+    Flow", NeurIPS 2016; J. M. Tomczak, M. Welling, "Improving Variational Auto-Encoders using
+    Householder Flow", arXiv:1611.09630 (2016); R. van den Berg, L. Hasenclever, J. M.
+    Tomczak, M. Welling, "Sylvester Normalizing Flows for Variational Inference", UAI 2018.
 
     Example::
 
@@ -66,9 +116,22 @@ class VAE(PyroModule):
         latent_dim: int = 10,
         input_dim: int = 784,
         hidden_dims: Sequence[int] = (256, 128),
+        *,
+        flow: str | None = None,
+        num_flows: int = 16,
     ) -> None:
         if latent not in _LATENTS:
             raise ValueError(f"latent must be one of {_LATENTS}, got {latent!r}")
+        if flow is not None:
+            if flow not in _FLOWS:
+                raise ValueError(f"flow must be None or one of {_FLOWS}, got {flow!r}")
+            if latent != "normal":
+                raise ValueError(
+                    f"flow={flow!r} needs latent='normal' (posterior flows act on R^d), got "
+                    f"latent={latent!r}"
+                )
+            if num_flows < 1:
+                raise ValueError(f"num_flows must be positive, got {num_flows}")
         if latent_dim < 1 or input_dim < 1 or not hidden_dims or min(hidden_dims) < 1:
             raise ValueError(
                 f"latent_dim, input_dim and hidden_dims must be positive, got {latent_dim}, "
@@ -97,15 +160,38 @@ class VAE(PyroModule):
         self.decoder = DenseNN(
             self.event_dim, list(reversed(hidden_dims)), [input_dim], nonlinearity=nn.ReLU()
         )
+        self.flow = flow
+        self.num_flows = num_flows if flow is not None else 0
+        #: the amortized posterior flows, each conditioned on h(x); empty without ``flow``
+        self.flows = nn.ModuleList(
+            [] if flow is None else _make_flows(flow, latent_dim, hidden_dims[-1], num_flows)
+        )
 
     def posterior(self, x: Tensor) -> pyro_dist.TorchDistribution:
         """The variational posterior :math:`q(z \\mid x)`: batch shape ``(B,)``, event shape
-        ``(event_dim,)``."""
-        head = self.posterior_head(self.encoder(x))
+        ``(event_dim,)``; with a ``flow``, a
+        :class:`~pyro.distributions.TransformedDistribution` of the Gaussian."""
+        features = self.encoder(x)
+        head = self.posterior_head(features)
         loc, second = head.split([self.event_dim, head.shape[-1] - self.event_dim], -1)
         if self.latent == "vmf":
             return VonMisesFisher(F.normalize(loc, dim=-1), F.softplus(second.squeeze(-1)) + 1)
-        return pyro_dist.Normal(loc, F.softplus(second)).to_event(1)
+        base = pyro_dist.Normal(loc, F.softplus(second)).to_event(1)
+        if not self.flows:
+            return base
+        transforms = [flow.condition(features) for flow in self.flows]
+        return pyro_dist.TransformedDistribution(base, transforms)
+
+    def _posterior_point(self, x: Tensor) -> Tensor:
+        """The posterior mode; with a flow, the flow's image of the Gaussian's mode (not in
+        general the mode of the flow posterior, which has no closed form)."""
+        q = self.posterior(x)
+        if not self.flows:
+            return q.mode
+        z = q.base_dist.mode
+        for transform in q.transforms:
+            z = transform(z)
+        return z
 
     def prior(self, batch_size: int, like: Tensor) -> pyro_dist.TorchDistribution:
         """The prior :math:`p(z)`, batch shape ``(batch_size,)``, on ``like``'s device/dtype."""
@@ -157,16 +243,51 @@ class VAE(PyroModule):
     ) -> None:
         pyro.module(f"{self.pyro_name}.encoder", self.encoder)
         pyro.module(f"{self.pyro_name}.posterior_head", self.posterior_head)
+        if self.flows:
+            pyro.module(f"{self.pyro_name}.flows", self.flows)
         with self._data_plate(x, indices, num_data):
             with poutine.scale(scale=kl_scale):
                 pyro.sample("z", self.posterior(x))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Bernoulli means of :math:`p(x \\mid z)` at the posterior mode, shape like ``x``."""
-        return torch.sigmoid(self.decode(self.posterior(x).mode))
+        """Bernoulli means of :math:`p(x \\mid z)` at the posterior mode, shape like ``x`` (with
+        a ``flow``: at the flow's image of the Gaussian's mode)."""
+        return torch.sigmoid(self.decode(self._posterior_point(x)))
 
     @torch.no_grad()
     def generate(self, num_samples: int, like: Tensor) -> Tensor:
         """Bernoulli means of :math:`p(x \\mid z)` for ``num_samples`` draws of the prior."""
         return torch.sigmoid(self.decode(self.prior(num_samples, like).sample()))
+
+
+class _PlanarHeads(nn.Module):
+    """Linear map from the context to the parameters ``(b, u, w)`` of a planar flow."""
+
+    def __init__(self, input_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.split_sizes = [1, input_dim, input_dim]
+        self.linear = nn.Linear(context_dim, 1 + 2 * input_dim)
+
+    def forward(self, context: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.linear(context).split(self.split_sizes, dim=-1))
+
+
+def _make_flows(kind: str, dim: int, context_dim: int, num_flows: int) -> list[nn.Module]:
+    """The conditional transform modules of a posterior flow (see :class:`VAE`)."""
+    if kind == "planar":
+        return [ConditionalPlanar(_PlanarHeads(dim, context_dim)) for _ in range(num_flows)]
+    if kind == "iaf":
+        return [
+            conditional_affine_autoregressive(dim, context_dim, hidden_dims=[5 * dim])
+            for _ in range(num_flows)
+        ]
+    if kind == "householder":
+        return [ConditionalHouseholder(dim, context_dim, count_transforms=num_flows)]
+    sylvester_kind = kind.removesuffix("-sylvester")
+    return [
+        ConditionalSylvester(
+            dim, context_dim, sylvester_kind, permute=sylvester_kind == "triangular" and k % 2 == 1
+        )
+        for k in range(num_flows)
+    ]
