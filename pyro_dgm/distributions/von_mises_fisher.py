@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.score_parts import ScoreParts
@@ -270,59 +272,59 @@ def _sample_w_by_rejection(
     return w, sqrt_one_minus_w2, (proposal, proposal_complement)
 
 
-def _log_acceptance_threshold(
-    proposal: Tensor, proposal_complement: Tensor, b: Tensor, concentration: Tensor, dim: int
-) -> Tensor:
-    """Wood's kappa w + (m-1) log(1 - x0 w) - c, rewritten in eps (x0 = (1-b)/(1+b)):
-
-    2 kappa b (1 - 2 eps) / ((1 + b) D) + (m - 1) log((1 + b) / (2 D)), D = 1 - (1 - b) eps.
-    """
-    denominator = proposal_complement + b * proposal
-    return 2 * concentration * b * (proposal_complement - proposal) / (
-        (1 + b) * denominator
-    ) + (dim - 1) * torch.log((1 + b) / (2 * denominator))
-
-
 def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Batched rejection: returns the first accepted eps ~ Beta((m-1)/2, (m-1)/2) per element.
+    """Batched rejection: returns the first accepted eps ~ Beta((m-1)/2, (m-1)/2) per element,
+    and 1 - eps.
 
-    Each round draws several proposals for every element still rejected (about 1024 in all in
-    the first round, then twice as many per element each round), so that stragglers finish in
-    few rounds; only those elements are carried on (one host synchronisation per round).
+    Wood's test log u <= kappa w + (m-1) log(1 - x0 w) - c, with x0 = (1-b)/(1+b), is
+    rewritten in eps so that nothing of size kappa cancels:
+
+        log u <= s (1 - 2 eps) / D - (m-1) log D + o,   D = 1 - (1 - b) eps,
+        s = 2 kappa b / (1 + b),   o = (m-1) log((1 + b) / 2),
+
+    with the per-element s and o computed once. Each round draws several proposals for every
+    element still rejected (about 1024 in all in the first round, then twice as many per
+    element each round), so that stragglers finish in few rounds; only those elements are
+    carried on (one host synchronisation per round).
     """
     count = b.shape[0]
     half = 0.5 * (dim - 1)
+    scale = 2 * concentration * b / (1 + b)
+    offset = (dim - 1) * (torch.log1p(b) - math.log(2))
     # Small batches cost the same per round whatever the proposal count, so ask for about a
     # thousand proposals in the first round: usually the only one.
     per_element = max(1, min(16, 1024 // max(count, 1)))
-    proposal = proposal_complement = pending = None
-    b_pending, concentration_pending = b, concentration
+    accepted_pair = pending = None  # (2, count): eps and 1 - eps
+    b_pending, scale_pending, offset_pending = b, scale, offset
     while True:
-        shape = (b_pending.shape[0], per_element)
-        gammas = torch._standard_gamma(b.new_full((2, *shape), half))
-        total = gammas[0] + gammas[1]
-        eps, eps_complement = gammas[0] / total, gammas[1] / total
-        threshold = _log_acceptance_threshold(
-            eps, eps_complement, b_pending.unsqueeze(-1), concentration_pending.unsqueeze(-1), dim
-        )
-        accepted = threshold >= -torch.empty_like(eps).exponential_()  # log u, u ~ U(0, 1)
-        first = accepted.to(torch.uint8).argmax(-1, keepdim=True)
-        chosen = eps.gather(-1, first).squeeze(-1)
-        chosen_complement = eps_complement.gather(-1, first).squeeze(-1)
-        done = accepted.any(-1)
+        gammas = torch._standard_gamma(b.new_full((2, b_pending.shape[0], per_element), half))
+        pair = gammas / (gammas[0] + gammas[1])  # eps = G1 / (G1 + G2), 1 - eps = G2 / (...)
+        eps, eps_complement = pair
+        denominator = torch.addcmul(eps_complement, b_pending.unsqueeze(-1), eps)
+        log_accept = torch.addcmul(
+            offset_pending.unsqueeze(-1),
+            scale_pending.unsqueeze(-1),
+            (eps_complement - eps) / denominator,
+        ).sub_(denominator.log_(), alpha=dim - 1)
+        accepted = log_accept >= -torch.empty_like(eps).exponential_()  # log u, u ~ U(0, 1)
+        if per_element == 1:
+            chosen, done = pair[..., 0], accepted[..., 0]
+        else:
+            first = accepted.to(torch.uint8).argmax(-1, keepdim=True)
+            chosen = pair.gather(-1, first.expand(2, -1, -1)).squeeze(-1)
+            done = accepted.any(-1)
         if pending is None:  # first round: every element, no indexing needed
-            proposal, proposal_complement = chosen, chosen_complement
+            accepted_pair = chosen
             pending = torch.arange(count, device=b.device)
         else:
-            proposal[pending] = torch.where(done, chosen, proposal[pending])
-            proposal_complement[pending] = torch.where(
-                done, chosen_complement, proposal_complement[pending]
-            )
+            accepted_pair[:, pending] = torch.where(done, chosen, accepted_pair[:, pending])
         still = (~done).nonzero().squeeze(-1)
         if still.numel() == 0:
-            return proposal, proposal_complement
+            return accepted_pair[0], accepted_pair[1]
         pending = pending[still]
-        b_pending, concentration_pending = b_pending[still], concentration_pending[still]
+        b_pending, scale_pending, offset_pending = (
+            t[still] for t in (b_pending, scale_pending, offset_pending)
+        )
         per_element = min(2 * per_element, 64)
 
 
