@@ -139,7 +139,8 @@ def _plain_row(name: str, latent: str, num_data: int, device: torch.device) -> R
 
 
 def _pyro_dgm_row(name: str, latent: str, num_data: int, device: torch.device) -> Row:
-    vae = VAE(latent, latent_dim=LATENT_DIM).to(device)
+    # as examples/svae_mnist.py builds it: a torch optimizer needs no Pyro param store
+    vae = VAE(latent, latent_dim=LATENT_DIM, param_store=False).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=LEARNING_RATE)
     loss_fn = functools.partial(TraceAnalyticKL_ELBO().differentiable_loss, vae.model, vae.guide)
 
@@ -150,21 +151,9 @@ def _pyro_dgm_row(name: str, latent: str, num_data: int, device: torch.device) -
 
 
 def _svi_row(name: str, latent: str, num_data: int, device: torch.device) -> Row:
-    vae = VAE(latent, latent_dim=LATENT_DIM).to(device)
-    # VAE.model and VAE.guide make no pyro.param statements (the networks are plain nn.Modules
-    # inside the PyroModule), so SVI would see no parameters and train nothing: register them
-    # with pyro.module, the usual Pyro idiom, under a name no other row uses.
-    module_name = f"svi_{latent}_vae"
-
-    def model(*args, **kwargs) -> None:
-        pyro.module(module_name, vae)
-        vae.model(*args, **kwargs)
-
-    def guide(*args, **kwargs) -> None:
-        pyro.module(module_name, vae)
-        vae.guide(*args, **kwargs)
-
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": LEARNING_RATE}), TraceAnalyticKL_ELBO())
+    vae = VAE(latent, latent_dim=LATENT_DIM).to(device)  # registers its parameters with Pyro
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": LEARNING_RATE}),
+              TraceAnalyticKL_ELBO())
 
     def train(batches: Batches) -> float:
         losses = [svi.step(x, indices, num_data=num_data) for x, indices in batches]

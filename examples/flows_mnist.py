@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
                             device=device)
 
     vae = VAE("normal", args.latent_dim, hidden_dims=HIDDEN_DIMS,
-              flow=None if args.flow == "none" else args.flow, num_flows=args.num_flows)
+              flow=None if args.flow == "none" else args.flow, num_flows=args.num_flows,
+              param_store=False)  # trained with a torch optimizer: no Pyro param store needed
     vae = vae.to(device)
     optimizer_class = torch.optim.Adamax if args.optimizer == "adamax" else torch.optim.Adam
     optimizer = optimizer_class(vae.parameters(), lr=args.lr)

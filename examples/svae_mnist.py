@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     train = MinibatchLoader(train_images, args.batch_size, return_indices=True, device=device)
     test_images = binarize_fixed(test_images.to(device), seed=args.seed).flatten(1)
 
-    vae = VAE(args.latent, args.latent_dim).to(device)
+    # trained with a torch optimizer (the lean loop): Pyro's param store is not needed
+    vae = VAE(args.latent, args.latent_dim, param_store=False).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
     elbo = TraceAnalyticKL_ELBO()
     loss_fn = functools.partial(elbo.differentiable_loss, vae.model, vae.guide)

@@ -116,7 +116,7 @@ class VonMisesFisher(TorchDistribution):
         self.loc = loc.expand(batch_shape + event_shape)
         self.concentration = concentration.expand(batch_shape)
         self.gradient = gradient
-        self._sample_cache: tuple[Tensor, Tensor, Tensor] | None = None
+        self._sample_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> VonMisesFisher:
@@ -183,18 +183,19 @@ class VonMisesFisher(TorchDistribution):
         concentration = self.concentration.expand(shape[:-1]).reshape(-1)
         if self._dim == 3:
             w, sqrt_one_minus_w2 = _sample_w_by_inversion(concentration)
-            proposal = None
+            envelope = None
         else:
-            w, sqrt_one_minus_w2, proposal = _sample_w_by_rejection(concentration, self._dim)
+            w, sqrt_one_minus_w2, envelope = _sample_w_by_rejection(concentration, self._dim)
         tangent = torch.randn(
             loc.shape[0], self._dim - 1, dtype=loc.dtype, device=loc.device
         )
         tangent = tangent / torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
         about_e1 = torch.cat([w.unsqueeze(-1), sqrt_one_minus_w2.unsqueeze(-1) * tangent], -1)
         sample = _reflect_e1_to(loc, about_e1).reshape(shape)
-        if proposal is not None:
-            # Remember the accepted proposal for score_parts(sample); see its docstring.
-            self._sample_cache = (sample, *(p.reshape(shape[:-1]) for p in proposal))
+        if envelope is not None:
+            # Remember w, b and D of the accepted proposals (attached to the graph) for
+            # score_parts(sample); see its docstring.
+            self._sample_cache = (sample, *(t.reshape(shape[:-1]) for t in (w, *envelope)))
         return sample
 
     def score_parts(self, value: Tensor) -> ScoreParts:
@@ -204,21 +205,22 @@ class VonMisesFisher(TorchDistribution):
         density of the accepted proposal :math:`\\varepsilon` held fixed:
         :math:`-\\log {}_0F_1 + \\kappa w + \\frac{m-1}{2} \\log b - (m-1) \\log(1 - (1-b)
         \\varepsilon)` with :math:`w = h(\\varepsilon, \\kappa)` [Naesseth et al. 2017, eq. 7]. Its
-        expectation is zero. The accepted :math:`\\varepsilon` is taken from the last
-        :meth:`rsample` when ``value`` is that sample, else recovered from
-        :math:`\\mu^\\top` ``value`` (less precise for large :math:`\\kappa` in float32).
+        expectation is zero. When ``value`` is the last :meth:`rsample`, its :math:`w`,
+        :math:`b` and denominator are reused from it; otherwise :math:`\\varepsilon` is recovered
+        from :math:`\\mu^\\top` ``value`` (less precise for large :math:`\\kappa` in float32).
         """
         log_prob = self.log_prob(value)
         if self.gradient == "pathwise" or self._dim == 3:
             return ScoreParts(log_prob=log_prob, score_function=0, entropy_term=log_prob)
         if self._sample_cache is not None and self._sample_cache[0] is value:
-            _, proposal, proposal_complement = self._sample_cache
+            _, w, b, denominator = self._sample_cache
+            concentration = self.concentration.expand(w.shape)
         else:
             proposal, proposal_complement = self._recover_proposal(value)
-        concentration = self.concentration.expand(proposal.shape)
-        b = _envelope_b(concentration, self._dim)
-        denominator = proposal_complement + b * proposal  # 1 - (1 - b) eps
-        w = 1 - 2 * b * proposal / denominator
+            concentration = self.concentration.expand(proposal.shape)
+            b = _envelope_b(concentration, self._dim)
+            denominator = proposal_complement + b * proposal  # 1 - (1 - b) eps
+            w = 1 - 2 * b * proposal / denominator
         score = (
             concentration * w
             + 0.5 * (self._dim - 1) * b.log()
@@ -260,16 +262,17 @@ def _sample_w_by_inversion(concentration: Tensor) -> tuple[Tensor, Tensor]:
 def _sample_w_by_rejection(
     concentration: Tensor, dim: int
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """Wood's rejection sampler for w, reparameterized through the accepted proposal.
+    """Wood's rejection sampler for w, reparameterized through the accepted proposal eps.
 
-    Returns w, sqrt(1 - w^2) (differentiable in kappa) and the accepted (eps, 1 - eps).
+    Returns w, sqrt(1 - w^2) and (b, D = 1 - (1 - b) eps), all differentiable in kappa with eps
+    held fixed (what the score function of the accepted proposal needs).
     """
     b = _envelope_b(concentration, dim)
     proposal, proposal_complement = _accepted_proposals(b.detach(), concentration.detach(), dim)
-    denominator = proposal_complement + b * proposal  # 1 - (1 - b) eps, without cancellation
+    denominator = torch.addcmul(proposal_complement, b, proposal)  # no cancellation
     w = 1 - 2 * b * proposal / denominator
     sqrt_one_minus_w2 = 2 * (b * proposal * proposal_complement).sqrt() / denominator
-    return w, sqrt_one_minus_w2, (proposal, proposal_complement)
+    return w, sqrt_one_minus_w2, (b, denominator)
 
 
 def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Tensor, Tensor]:

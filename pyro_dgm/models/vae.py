@@ -94,6 +94,11 @@ class VAE(PyroModule):
         kinds above; Gaussian latents only.
     :type flow: str or None
     :param int num_flows: number of flows in the stack (of reflections for ``"householder"``).
+    :param bool param_store: register the networks' parameters in Pyro's param store when
+        ``model`` and ``guide`` run (``pyro.module``), as ``SVI`` with a ``pyro.optim`` optimizer
+        needs. A torch optimizer over ``vae.parameters()`` (as in
+        :func:`~pyro_dgm.infer.train_epoch`) does not: ``param_store=False`` skips the
+        registration, about a dozen ``pyro.param`` sites per step.
     :raises ValueError: for an unknown ``latent`` or ``flow``, a flow with ``latent="vmf"``, or
         a non-positive dimension or ``num_flows``.
 
@@ -119,6 +124,7 @@ class VAE(PyroModule):
         *,
         flow: str | None = None,
         num_flows: int = 16,
+        param_store: bool = True,
     ) -> None:
         if latent not in _LATENTS:
             raise ValueError(f"latent must be one of {_LATENTS}, got {latent!r}")
@@ -138,10 +144,11 @@ class VAE(PyroModule):
                 f"{input_dim}, {tuple(hidden_dims)}"
             )
         super().__init__()
-        # model and guide register the networks' parameters with Pyro (pyro.module), so that
-        # SVI with a pyro.optim optimizer trains them; a torch optimizer over
-        # vae.parameters() works too. The param store is global: each VAE gets a name of its
-        # own, since two registering under one name would silently share parameters.
+        # With param_store, model and guide register the networks' parameters with Pyro
+        # (pyro.module), so that SVI with a pyro.optim optimizer trains them. The param store is
+        # global: each VAE gets a name of its own, since two registering under one name would
+        # silently share parameters.
+        self.param_store = param_store
         self.pyro_name = f"VAE{next(_INSTANCES)}"
         self.latent = latent
         self.latent_dim = latent_dim
@@ -224,7 +231,8 @@ class VAE(PyroModule):
         num_data: int | None = None,
         kl_scale: float = 1.0,
     ) -> None:
-        pyro.module(f"{self.pyro_name}.decoder", self.decoder)
+        if self.param_store:
+            pyro.module(f"{self.pyro_name}.decoder", self.decoder)
         with self._data_plate(x, indices, num_data):
             with poutine.scale(scale=kl_scale):
                 z = pyro.sample("z", self.prior(x.shape[0], x))
@@ -241,10 +249,11 @@ class VAE(PyroModule):
         num_data: int | None = None,
         kl_scale: float = 1.0,
     ) -> None:
-        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
-        pyro.module(f"{self.pyro_name}.posterior_head", self.posterior_head)
-        if self.flows:
-            pyro.module(f"{self.pyro_name}.flows", self.flows)
+        if self.param_store:
+            pyro.module(f"{self.pyro_name}.encoder", self.encoder)
+            pyro.module(f"{self.pyro_name}.posterior_head", self.posterior_head)
+            if self.flows:
+                pyro.module(f"{self.pyro_name}.flows", self.flows)
         with self._data_plate(x, indices, num_data):
             with poutine.scale(scale=kl_scale):
                 pyro.sample("z", self.posterior(x))
