@@ -36,7 +36,6 @@ from pathlib import Path
 
 import pyro
 import torch
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from pyro_dgm.data import BINARIZED_MNIST_SPLITS, MinibatchLoader, load_binarized_mnist
@@ -49,6 +48,7 @@ from pyro_dgm.infer import (
     train_epoch,
 )
 from pyro_dgm.models import VAE
+from pyro_dgm.plotting import save_samples_and_reconstructions
 
 FLOWS = ("none", "planar", "iaf", "householder", "orthogonal-sylvester",
          "householder-sylvester", "triangular-sylvester")
@@ -228,11 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(NLL standard error {result.log_likelihood_standard_error:.3f}; mean effective "
           f"sample size {result.effective_sample_size:.1f} of {args.num_samples})")
 
-    save_image(vae.generate(64, test_images).reshape(64, 1, 28, 28), out / "samples.png",
-               nrow=8)
-    originals = test_images[:32].reshape(32, 1, 28, 28)
-    reconstructions = vae.reconstruct(test_images[:32]).reshape(32, 1, 28, 28)
-    save_image(torch.cat([originals, reconstructions]), out / "reconstructions.png", nrow=8)
+    save_samples_and_reconstructions(vae, test_images, out)
     metrics = {"args": vars(args), "device": str(device), "best_epoch": best_epoch,
                "history": history, "test": result.as_dict(),
                "test_images": len(test_images)}

@@ -24,7 +24,6 @@ from pathlib import Path
 import matplotlib
 import pyro
 import torch
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from pyro_dgm.data import MinibatchLoader, binarize_fixed, load_mnist_or_fallback
@@ -36,6 +35,7 @@ from pyro_dgm.infer import (
     train_epoch,
 )
 from pyro_dgm.models import VAE
+from pyro_dgm.plotting import save_samples_and_reconstructions
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -171,11 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(LL standard error {result.log_likelihood_standard_error:.3f}; mean effective "
           f"sample size {result.effective_sample_size:.1f} of {args.num_samples})")
 
-    save_image(vae.generate(64, test_images).reshape(64, 1, 28, 28), out / "samples.png",
-               nrow=8)
-    originals = test_images[:32].reshape(32, 1, 28, 28)
-    reconstructions = vae.reconstruct(test_images[:32]).reshape(32, 1, 28, 28)
-    save_image(torch.cat([originals, reconstructions]), out / "reconstructions.png", nrow=8)
+    save_samples_and_reconstructions(vae, test_images, out)
     if args.latent_dim == 2:
         plot_sphere(vae, test_images, test_labels, out / "latent.png")
     metrics = {"args": vars(args), "data": data.source, "device": str(device),

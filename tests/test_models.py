@@ -103,3 +103,18 @@ def test_one_epoch_on_real_mnist_improves_the_elbo(latent, data_dir):
     train_epoch(loss_fn, optimizer, loader, progress=False, num_data=loader.num_examples)
     after = float(elbo_terms(vae.model, vae.guide, test).elbo.mean())
     assert after > before + 60
+
+
+def test_save_samples_and_reconstructions(tmp_path):
+    from PIL import Image
+
+    from pyro_dgm.plotting import save_samples_and_reconstructions
+
+    vae = VAE("vmf", latent_dim=2, input_dim=16, hidden_dims=(8,))
+    images = torch.bernoulli(torch.full((40, 16), 0.5))
+    paths = save_samples_and_reconstructions(vae, images, tmp_path, image_shape=(1, 4, 4))
+    assert [p.name for p in paths] == ["samples.png", "reconstructions.png"]
+    width, height = Image.open(paths[1]).size
+    assert (width, height) == (8 * 4 + 9 * 2, 8 * 4 + 9 * 2)  # 8 x 8 tiles with 2-pixel padding
+    with pytest.raises(ValueError, match="at least 32"):
+        save_samples_and_reconstructions(vae, images[:10], tmp_path, image_shape=(1, 4, 4))
