@@ -44,7 +44,9 @@ from pyro_dgm.infer import (
     elbo_terms,
     evaluate_dataset,
     load_checkpoint,
+    resume_training_state,
     save_checkpoint,
+    save_training_state,
     train_epoch,
 )
 from pyro_dgm.models import VAE
@@ -166,16 +168,14 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint_path, best_path = out / "checkpoint.pt", out / "best.pt"
     history: list[dict] = []
     first_epoch, best_elbo, best_epoch = 0, -float("inf"), 0
-    if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-        best_elbo, best_epoch = state["best_elbo"], state["best_epoch"]
-        print(f"resumed from {checkpoint_path} after epoch {first_epoch}")
-    elif args.resume:
-        print(f"no checkpoint in {out}; starting afresh")
+    if args.resume:
+        state = resume_training_state(checkpoint_path, vae, optimizer, map_location=device)
+        if state is None:
+            print(f"no checkpoint in {out}; starting afresh")
+        else:
+            history, first_epoch = state["history"], state["epoch"] + 1
+            best_elbo, best_epoch = state["best_elbo"], state["best_epoch"]
+            print(f"resumed from {checkpoint_path} after epoch {first_epoch}")
 
     flows = "" if args.flow == "none" else f" ({args.num_flows} flows)"
     print(f"VAE, flow {args.flow}{flows}, d = {args.latent_dim}, "
@@ -207,9 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"epoch {epoch + 1:4d}  beta {beta:.2f}  train ELBO {-train_loss:8.2f}  "
               f"valid ELBO {valid_elbo:8.2f}{' *' if best_epoch == epoch + 1 else '  '}  "
               f"({seconds:.1f} s)")
-        save_checkpoint(checkpoint_path, model=vae.state_dict(), optimizer=optimizer.state_dict(),
-                        rng=torch.get_rng_state(), history=history, epoch=epoch,
-                        best_elbo=best_elbo, best_epoch=best_epoch, args=vars(args))
+        save_training_state(checkpoint_path, vae, optimizer, epoch=epoch, history=history,
+                            best_elbo=best_elbo, best_epoch=best_epoch, args=vars(args))
 
     if best_path.exists():
         vae.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])

@@ -30,8 +30,8 @@ from pyro_dgm.data import MinibatchLoader, binarize_fixed, load_mnist_or_fallbac
 from pyro_dgm.infer import (
     TraceAnalyticKL_ELBO,
     evaluate_dataset,
-    load_checkpoint,
-    save_checkpoint,
+    resume_training_state,
+    save_training_state,
     train_epoch,
 )
 from pyro_dgm.models import VAE
@@ -128,15 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint_path = out / "checkpoint.pt"
     history: list[dict] = []
     first_epoch = 0
-    if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-        print(f"resumed from {checkpoint_path} after epoch {first_epoch}")
-    elif args.resume:
-        print(f"no checkpoint in {out}; starting afresh")
+    if args.resume:
+        state = resume_training_state(checkpoint_path, vae, optimizer, map_location=device)
+        if state is None:
+            print(f"no checkpoint in {out}; starting afresh")
+        else:
+            history, first_epoch = state["history"], state["epoch"] + 1
+            print(f"resumed from {checkpoint_path} after epoch {first_epoch}")
 
     family = "S-VAE (vMF, uniform prior)" if args.latent == "vmf" else "N-VAE (Gaussian)"
     print(f"{family}, d = {args.latent_dim}, {len(train_images):,} training images, "
@@ -153,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         history.append({"epoch": epoch + 1, "train_elbo": -loss, "seconds": seconds})
         print(f"epoch {epoch + 1:3d}  train ELBO {-loss:8.2f}  "
               f"({seconds:.1f} s)")
-        save_checkpoint(checkpoint_path, model=vae.state_dict(), optimizer=optimizer.state_dict(),
-                        rng=torch.get_rng_state(), history=history, epoch=epoch, args=vars(args))
+        save_training_state(checkpoint_path, vae, optimizer, epoch=epoch, history=history,
+                            args=vars(args))
 
     vae.eval()
     started = time.perf_counter()

@@ -16,7 +16,9 @@ from pyro_dgm.infer import (
     importance_log_likelihood,
     kl_warmup,
     load_checkpoint,
+    resume_training_state,
     save_checkpoint,
+    save_training_state,
     train_epoch,
 )
 
@@ -291,3 +293,28 @@ def test_train_epoch_minimizes_and_checkpoints_round_trip(tmp_path):
     assert not list((tmp_path / "run").glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_training_state_round_trip(tmp_path):
+    """Weights, optimizer moments and the random stream continue exactly after a resume."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "checkpoint.pt"
+    assert resume_training_state(path, model, optimizer) is None
+    save_training_state(path, model, optimizer, epoch=4, history=[{"epoch": 5}], best=1.5)
+    expected_draw = torch.rand(3)
+
+    torch.manual_seed(123)
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    state = resume_training_state(path, fresh, fresh_optimizer)
+    assert state["epoch"] == 4 and state["history"] == [{"epoch": 5}] and state["best"] == 1.5
+    for name, parameter in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], parameter)
+    moments = [s["exp_avg_sq"] for s in optimizer.state_dict()["state"].values()]
+    restored = [s["exp_avg_sq"] for s in fresh_optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))
+    assert torch.equal(torch.rand(3), expected_draw)

@@ -9,7 +9,14 @@ from pyro_dgm.infer.evaluation import (
     evaluate_dataset,
     importance_log_likelihood,
 )
-from pyro_dgm.infer.training import kl_warmup, load_checkpoint, save_checkpoint, train_epoch
+from pyro_dgm.infer.training import (
+    kl_warmup,
+    load_checkpoint,
+    resume_training_state,
+    save_checkpoint,
+    save_training_state,
+    train_epoch,
+)
 
 __all__ = [
     "DatasetEvaluation",
@@ -21,6 +28,8 @@ __all__ = [
     "importance_log_likelihood",
     "kl_warmup",
     "load_checkpoint",
+    "resume_training_state",
     "save_checkpoint",
+    "save_training_state",
     "train_epoch",
 ]

@@ -11,7 +11,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["kl_warmup", "load_checkpoint", "save_checkpoint", "train_epoch"]
+__all__ = [
+    "kl_warmup",
+    "load_checkpoint",
+    "resume_training_state",
+    "save_checkpoint",
+    "save_training_state",
+    "train_epoch",
+]
 
 
 def kl_warmup(step: int, warmup_steps: int) -> float:
@@ -89,3 +96,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[s
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    history: list,
+    **extra: Any,
+) -> None:
+    """Checkpoint everything a training run needs to continue: the model's and optimizer's
+    state, torch's CPU random state, the last finished ``epoch`` (0-based), the ``history`` of
+    per-epoch records, and any ``extra`` entries (e.g. the best validation score). Atomic, as
+    :func:`save_checkpoint`."""
+    save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    rng=torch.get_rng_state(), epoch=epoch, history=history, **extra)
+
+
+def resume_training_state(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    map_location: Any = None,
+) -> dict[str, Any] | None:
+    """Restore a run saved by :func:`save_training_state` into ``model`` and ``optimizer``
+    (and torch's CPU random state).
+
+    :returns: the checkpoint (``epoch``, ``history`` and the extra entries), or ``None`` if
+        there is no file at ``path``.
+    """
+    if not Path(path).is_file():
+        return None
+    state = load_checkpoint(path, map_location=map_location)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state
