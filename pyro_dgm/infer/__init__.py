@@ -9,6 +9,7 @@ from pyro_dgm.infer.evaluation import (
     evaluate_dataset,
     importance_log_likelihood,
 )
+from pyro_dgm.infer.iwae import ImportanceWeightedELBO
 from pyro_dgm.infer.training import (
     kl_warmup,
     load_checkpoint,
@@ -21,6 +22,7 @@ from pyro_dgm.infer.training import (
 __all__ = [
     "DatasetEvaluation",
     "ElboTerms",
+    "ImportanceWeightedELBO",
     "LogLikelihoodEstimate",
     "TraceAnalyticKL_ELBO",
     "elbo_terms",

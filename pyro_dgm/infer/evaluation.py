@@ -15,6 +15,12 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from torch.distributions import kl_divergence
 
+from pyro_dgm.infer._sites import (
+    guess_max_plate_nesting,
+    per_data_point,
+    unscaled_log_prob,
+)
+
 __all__ = [
     "DatasetEvaluation",
     "ElboTerms",
@@ -48,48 +54,6 @@ class ElboTerms(NamedTuple):
     elbo: Tensor
     reconstruction: Tensor
     kl: Tensor
-
-
-def _per_data_point(site: dict, value: Tensor, data_plate: str, particle_dim: int) -> Tensor:
-    """Sum a site's (batch-shaped) term over every dim but the particle and data-plate dims,
-    returning shape (particles, B); B is 1 for sites outside the data plate."""
-    frames = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
-    if data_plate not in frames:
-        raise ValueError(
-            f"site {site['name']!r} is not inside the data plate {data_plate!r}: per-data-point "
-            "evaluation needs every sample site inside it (pass data_plate=<your plate's name>)"
-        )
-    value = value.reshape((1,) * (-particle_dim - value.dim()) + value.shape)
-    keep = {value.dim() + particle_dim, value.dim() + frames[data_plate]}
-    summed = [d for d in range(value.dim()) if d not in keep]
-    if summed:
-        value = value.sum(summed, keepdim=True)
-    particle_axis, data_axis = value.dim() + particle_dim, value.dim() + frames[data_plate]
-    return value.squeeze().reshape(value.shape[particle_axis], value.shape[data_axis])
-
-
-def _unscaled_log_prob(site: dict) -> Tensor:
-    log_prob = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None:
-        log_prob = log_prob.masked_fill(~site["mask"], 0.0)
-    return log_prob
-
-
-def _guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    dims = [
-        -f.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for f in site["cond_indep_stack"]
-        if f.vectorized
-    ]
-    return max(dims, default=0)
 
 
 def _traces(model, guide, num_particles, particle_dim, args, kwargs):
@@ -141,7 +105,7 @@ def importance_log_likelihood(
             f"num_samples and chunk_size must be positive, got {num_samples}, {chunk_size}"
         )
     if max_plate_nesting is None:
-        max_plate_nesting = _guess_max_plate_nesting(model, guide, args, kwargs)
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     particle_dim = -max_plate_nesting - 1
     log_sum = log_sum_squares = None
     remaining = num_samples
@@ -153,7 +117,7 @@ def importance_log_likelihood(
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
-                    term = _per_data_point(site, _unscaled_log_prob(site), data_plate,
+                    term = per_data_point(site, unscaled_log_prob(site), data_plate,
                                            particle_dim)
                     log_weight = log_weight + sign * term
         chunk_sum = torch.logsumexp(log_weight, 0)
@@ -194,7 +158,7 @@ def elbo_terms(
     if num_particles < 1:
         raise ValueError(f"num_particles must be positive, got {num_particles}")
     if max_plate_nesting is None:
-        max_plate_nesting = _guess_max_plate_nesting(model, guide, args, kwargs)
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     particle_dim = -max_plate_nesting - 1
     model_trace, guide_trace = _traces(model, guide, num_particles, particle_dim, args, kwargs)
     reconstruction = kl = 0.0
@@ -202,16 +166,16 @@ def elbo_terms(
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
-            reconstruction = reconstruction + _per_data_point(
-                site, _unscaled_log_prob(site), data_plate, particle_dim
+            reconstruction = reconstruction + per_data_point(
+                site, unscaled_log_prob(site), data_plate, particle_dim
             )
             continue
         guide_site = guide_trace.nodes[name]
         try:
             site_kl = kl_divergence(guide_site["fn"], site["fn"])
         except NotImplementedError:
-            site_kl = _unscaled_log_prob(guide_site) - _unscaled_log_prob(site)
-        kl = kl + _per_data_point(guide_site, site_kl, data_plate, particle_dim)
+            site_kl = unscaled_log_prob(guide_site) - unscaled_log_prob(site)
+        kl = kl + per_data_point(guide_site, site_kl, data_plate, particle_dim)
     reconstruction = torch.as_tensor(reconstruction).mean(0)
     kl = torch.as_tensor(kl).mean(0)
     return ElboTerms(reconstruction - kl, reconstruction, kl)
