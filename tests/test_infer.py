@@ -203,6 +203,10 @@ def test_evaluate_dataset_averages_batches(linear_gaussian):
     assert result.elbo == pytest.approx(exact, rel=1e-10)
     assert result.elbo == pytest.approx(result.reconstruction - result.kl, rel=1e-12)
     assert set(result.as_dict()) >= {"log_likelihood", "elbo", "reconstruction", "kl"}
+    assert result.bits_per_dim == pytest.approx(-exact / (4 * math.log(2)), rel=1e-10)
+    estimate = importance_log_likelihood(problem.model, problem.exact_guide, x, num_samples=3)
+    torch.testing.assert_close(estimate.bits_per_dim(4),
+                               -problem.marginal().log_prob(x) / (4 * math.log(2)))
 
 
 def test_kl_warmup_schedule():

@@ -1,5 +1,12 @@
 """Objectives, evaluation and training helpers for Pyro model/guide pairs."""
 
+from pyro_dgm.infer.diagnostics import (
+    ActiveUnits,
+    ElboSurgery,
+    active_units,
+    bits_per_dim,
+    elbo_surgery,
+)
 from pyro_dgm.infer.elbo import TraceAnalyticKL_ELBO
 from pyro_dgm.infer.evaluation import (
     DatasetEvaluation,
@@ -20,6 +27,11 @@ from pyro_dgm.infer.training import (
 )
 
 __all__ = [
+    "ActiveUnits",
+    "ElboSurgery",
+    "active_units",
+    "bits_per_dim",
+    "elbo_surgery",
     "DatasetEvaluation",
     "ElboTerms",
     "ImportanceWeightedELBO",

@@ -20,6 +20,7 @@ from pyro_dgm.infer._sites import (
     per_data_point,
     unscaled_log_prob,
 )
+from pyro_dgm.infer.diagnostics import bits_per_dim
 
 __all__ = [
     "DatasetEvaluation",
@@ -43,6 +44,12 @@ class LogLikelihoodEstimate(NamedTuple):
     log_likelihood: Tensor
     standard_error: Tensor
     effective_sample_size: Tensor
+
+    def bits_per_dim(self, num_dims: int) -> Tensor:
+        """The negative log-likelihood per data point in bits per dimension,
+        :math:`-\\log p(x) / (D \\ln 2)` for data points of ``num_dims`` :math:`= D` dimensions,
+        shape ``(B,)``; the standard error converts the same way (divide by :math:`D \\ln 2`)."""
+        return bits_per_dim(self.log_likelihood, num_dims)
 
 
 class ElboTerms(NamedTuple):
@@ -191,6 +198,8 @@ class DatasetEvaluation:
         (``RE``); ``kl``: :math:`\\mathrm{KL}(q \\| p)`. ``elbo = reconstruction - kl``.
     :ivar effective_sample_size: mean ESS of the importance weights.
     :ivar num_samples: importance samples per data point.
+    :ivar bits_per_dim: :math:`-\\mathrm{LL} / (D \\ln 2)` for data points of :math:`D`
+        dimensions.
     """
 
     log_likelihood: float
@@ -200,6 +209,7 @@ class DatasetEvaluation:
     kl: float
     effective_sample_size: float
     num_samples: int
+    bits_per_dim: float
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -247,4 +257,5 @@ def evaluate_dataset(
         kl=means["kl"],
         effective_sample_size=means["ess"],
         num_samples=num_samples,
+        bits_per_dim=bits_per_dim(means["ll"], data[0].numel()),
     )
