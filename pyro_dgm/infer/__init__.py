@@ -18,8 +18,10 @@ from pyro_dgm.infer.evaluation import (
 )
 from pyro_dgm.infer.iwae import ImportanceWeightedELBO
 from pyro_dgm.infer.training import (
+    OBJECTIVES,
     kl_warmup,
     load_checkpoint,
+    make_objective,
     resume_training_state,
     save_checkpoint,
     save_training_state,
@@ -27,6 +29,7 @@ from pyro_dgm.infer.training import (
 )
 
 __all__ = [
+    "OBJECTIVES",
     "ActiveUnits",
     "ElboSurgery",
     "active_units",
@@ -42,6 +45,7 @@ __all__ = [
     "importance_log_likelihood",
     "kl_warmup",
     "load_checkpoint",
+    "make_objective",
     "resume_training_state",
     "save_checkpoint",
     "save_training_state",

@@ -15,6 +15,7 @@ from pyro.nn import DenseNN, PyroModule
 from torch import Tensor, nn
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
+from pyro_dgm.infer import active_units, elbo_surgery
 from pyro_dgm.transforms import ConditionalHouseholder, ConditionalSylvester
 
 __all__ = ["VAE"]
@@ -200,16 +201,14 @@ class VAE(PyroModule):
             z = transform(z)
         return z
 
-    def prior(self, batch_size: int, like: Tensor) -> pyro_dist.TorchDistribution:
-        """The prior :math:`p(z)`, batch shape ``(batch_size,)``, on ``like``'s device/dtype."""
+    def prior(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
+        """The prior :math:`p(z)` on ``like``'s device and dtype: batch shape
+        ``(batch_size,)``, or ``()`` for ``batch_size=None``; event shape ``(event_dim,)``."""
         if self.latent == "vmf":
-            return HypersphericalUniform(
-                self.event_dim, dtype=like.dtype, device=like.device
-            ).expand([batch_size])
-        zero = like.new_zeros(())
-        return (
-            pyro_dist.Normal(zero, 1.0).expand([batch_size, self.event_dim]).to_event(1)
-        )
+            prior = HypersphericalUniform(self.event_dim, dtype=like.dtype, device=like.device)
+        else:
+            prior = pyro_dist.Normal(like.new_zeros(()), 1.0).expand([self.event_dim]).to_event(1)
+        return prior if batch_size is None else prior.expand([batch_size])
 
     def decode(self, z: Tensor) -> Tensor:
         """Bernoulli logits of :math:`p(x \\mid z)`, shape ``z.shape[:-1] + (input_dim,)``."""
@@ -268,6 +267,32 @@ class VAE(PyroModule):
     def generate(self, num_samples: int, like: Tensor) -> Tensor:
         """Bernoulli means of :math:`p(x \\mid z)` for ``num_samples`` draws of the prior."""
         return torch.sigmoid(self.decode(self.prior(num_samples, like).sample()))
+
+
+    @torch.no_grad()
+    def latent_diagnostics(
+        self, data: Tensor, *, num_points: int | None = 1000, threshold: float = 0.01,
+        seed: int | None = 0,
+    ) -> dict[str, float]:
+        """How the latent code is used on ``data`` (shape ``(N, input_dim)``, binary):
+
+        * ``active_units``: units whose posterior mean varies over the data by more than
+          ``threshold`` (:func:`~pyro_dgm.infer.active_units`; for the S-VAE, coordinates of
+          :math:`\\mathbb{E}_q[z] = A(\\kappa)\\mu \\in \\mathbb{R}^{d+1}`);
+        * ``average_kl``, ``mutual_information``, ``marginal_kl``, ``log_num_data``: the ELBO
+          surgery of Hoffman & Johnson (2016), :func:`~pyro_dgm.infer.elbo_surgery`, with
+          ``num_points`` draws of :math:`z` against all :math:`N` posteriors (nats).
+
+        :returns: a dict of floats.
+        """
+        units = active_units(self.posterior, data, threshold=threshold, seed=seed)
+        surgery = elbo_surgery(self.posterior, self.prior(None, data), data,
+                               num_points=None if num_points is None else min(num_points,
+                                                                               len(data)),
+                               seed=seed)
+        return {"active_units": units.count, "average_kl": surgery.average_kl,
+                "mutual_information": surgery.mutual_information,
+                "marginal_kl": surgery.marginal_kl, "log_num_data": surgery.log_num_data}
 
 
 class _PlanarHeads(nn.Module):
