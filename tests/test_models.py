@@ -118,3 +118,61 @@ def test_save_samples_and_reconstructions(tmp_path):
     assert (width, height) == (8 * 4 + 9 * 2, 8 * 4 + 9 * 2)  # 8 x 8 tiles with 2-pixel padding
     with pytest.raises(ValueError, match="at least 32"):
         save_samples_and_reconstructions(vae, images[:10], tmp_path, image_shape=(1, 4, 4))
+
+
+PRIORS = [("normal", "standard"), ("normal", "vamp"), ("normal", "flow"), ("normal", "mog"),
+          ("vmf", "uniform"), ("vmf", "vamp")]
+
+
+@pytest.mark.parametrize("latent, prior", PRIORS)
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_learned_priors_train_with_both_objectives(latent, prior, objective):
+    """Every parameter (encoder, decoder, prior) gets a gradient; the VampPrior's components
+    are computed once per step: the encoder runs once on the data and once on the
+    pseudo-inputs, whatever the number of particles."""
+    from pyro_dgm.infer import make_objective
+
+    torch.manual_seed(0)
+    vae = VAE(latent, latent_dim=3, input_dim=20, hidden_dims=(16,), prior=prior,
+              num_pseudo_inputs=7, param_store=False)
+    x = torch.bernoulli(torch.full((5, 20), 0.4))
+    loss_fn = make_objective(objective, 4).differentiable_loss
+    loss_fn(vae.model, vae.guide, x)  # the first call also runs both once to count the plates
+    calls = []
+    vae.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    loss = loss_fn(vae.model, vae.guide, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [name for name, p in vae.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+    assert sorted(calls) == ([5, 7] if prior == "vamp" else [5])
+    if prior == "vamp":
+        assert vae.prior_module.pseudo_inputs.min() >= 0
+        assert vae.prior_module.pseudo_inputs.max() <= 1
+    assert vae.generate(3, x).shape == (3, 20)
+
+
+def test_vamp_prior_is_the_mixture_of_the_current_posteriors_and_cached_in_eval():
+    torch.manual_seed(0)
+    vae = VAE("vmf", latent_dim=2, input_dim=20, hidden_dims=(16,), prior="vamp",
+              num_pseudo_inputs=4)
+    x = torch.bernoulli(torch.full((6, 20), 0.4))
+    z = vae.posterior(x).sample()
+    components = vae.posterior(vae.prior_module.pseudo_inputs)
+    expected = torch.logsumexp(torch.stack([components.log_prob(z[:, None].expand(6, 4, 3))
+                                            [:, k] for k in range(4)]), 0) - torch.log(
+        torch.tensor(4.0))
+    torch.testing.assert_close(vae.prior(6, x).log_prob(z), expected)
+    vae.eval()
+    assert vae.prior(None, x) is vae.prior(None, x)
+    vae.train()
+    assert vae.prior(None, x) is not vae.prior(None, x)
+
+
+@pytest.mark.parametrize("latent, prior, flow", [
+    ("vmf", "standard", None), ("normal", "uniform", None), ("normal", "vamp", "planar"),
+    ("normal", "gaussian", None)])
+def test_bad_prior_raises(latent, prior, flow):
+    with pytest.raises(ValueError, match="prior"):
+        VAE(latent, latent_dim=3, input_dim=20, hidden_dims=(16,), prior=prior, flow=flow)

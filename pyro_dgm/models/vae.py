@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
 from pyro_dgm.infer import active_units, elbo_surgery
+from pyro_dgm.models.priors import FlowPrior, MixtureOfGaussiansPrior, VampPriorModule
 from pyro_dgm.transforms import ConditionalHouseholder, ConditionalSylvester
 
 __all__ = ["VAE"]
 
 _LATENTS = ("normal", "vmf")
+_PRIORS = {"normal": ("standard", "vamp", "flow", "mog"), "vmf": ("uniform", "vamp")}
 _FLOWS = (
     "planar",
     "iaf",
@@ -87,6 +89,27 @@ class VAE(PyroModule):
       triangular: :math:`Q` alternating between the identity and the reversal permutation
       along the stack).
 
+    Priors (``prior``). Besides the fixed ones (``"standard"``: :math:`\\mathcal{N}(0, I)`;
+    ``"uniform"``: uniform on :math:`S^d`), learned priors, whose parameters train with the rest
+    (the optimal prior is the aggregate posterior, Hoffman & Johnson 2016):
+
+    * ``"vamp"`` (both families): the VampPrior of Tomczak & Welling (2018),
+      :math:`p(z) = \\frac1K \\sum_k q(z \\mid u_k)` over ``num_pseudo_inputs`` learned
+      pseudo-inputs :math:`u_k \\in [0, 1]^D` (:class:`~pyro_dgm.models.priors.VampPriorModule`,
+      initialised as ``pseudo_input_init`` says), built from the current encoder once per
+      ``model`` call, so the gradient reaches pseudo-inputs and encoder; for the S-VAE a
+      mixture of vMFs on the sphere;
+    * ``"mog"``: a mixture of ``num_prior_components`` Gaussians with learned weights, means
+      and diagonal scales (:class:`~pyro_dgm.models.priors.MixtureOfGaussiansPrior`);
+    * ``"flow"``: :math:`\\mathcal{N}(0, I)` pushed through ``num_prior_flows`` affine
+      autoregressive flows, density evaluated in one pass per flow (MAF;
+      :class:`~pyro_dgm.models.priors.FlowPrior`).
+
+    A learned prior has no closed-form KL: :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` then
+    uses the Monte Carlo KL, :math:`\\log q(z \\mid x) - \\log p(z)` at the posterior
+    sample, and :class:`~pyro_dgm.infer.ImportanceWeightedELBO` and
+    :func:`~pyro_dgm.infer.importance_log_likelihood` need nothing else.
+
     :param str latent: ``"normal"`` or ``"vmf"``.
     :param int latent_dim: manifold dimension :math:`d \\ge 1`.
     :param int input_dim: data dimension (784 for MNIST).
@@ -95,13 +118,23 @@ class VAE(PyroModule):
         kinds above; Gaussian latents only.
     :type flow: str or None
     :param int num_flows: number of flows in the stack (of reflections for ``"householder"``).
+    :param prior: ``"standard"``, ``"vamp"``, ``"flow"`` or ``"mog"`` for Gaussian latents,
+        ``"uniform"`` or ``"vamp"`` for vMF latents; ``None``: the family's fixed prior.
+    :type prior: str or None
+    :param int num_pseudo_inputs: :math:`K` for ``prior="vamp"`` (500 in the paper).
+    :param pseudo_input_init: ``"normal"`` (:math:`\\mathcal{N}(0.05, 0.01^2)`, the paper's),
+        ``"data"`` (random rows of ``pseudo_input_data``) or a tensor of initial values.
+    :param pseudo_input_data: training data for ``pseudo_input_init="data"``.
+    :param int num_prior_components: mixture components for ``prior="mog"``.
+    :param int num_prior_flows: autoregressive flows for ``prior="flow"``.
     :param bool param_store: register the networks' parameters in Pyro's param store when
         ``model`` and ``guide`` run (``pyro.module``), as ``SVI`` with a ``pyro.optim`` optimizer
         needs. A torch optimizer over ``vae.parameters()`` (as in
         :func:`~pyro_dgm.infer.train_epoch`) does not: ``param_store=False`` skips the
         registration, about a dozen ``pyro.param`` sites per step.
-    :raises ValueError: for an unknown ``latent`` or ``flow``, a flow with ``latent="vmf"``, or
-        a non-positive dimension or ``num_flows``.
+    :raises ValueError: for an unknown ``latent``, ``flow`` or ``prior`` (or one of the other
+        family), a flow with ``latent="vmf"`` or with the VampPrior (whose mixture evaluates the
+        posterior at arbitrary points), or a non-positive dimension or ``num_flows``.
 
     References: D. J. Rezende, S. Mohamed, "Variational Inference with Normalizing Flows", ICML
     2015; D. P. Kingma et al., "Improved Variational Inference with Inverse Autoregressive
@@ -125,10 +158,23 @@ class VAE(PyroModule):
         *,
         flow: str | None = None,
         num_flows: int = 16,
+        prior: str | None = None,
+        num_pseudo_inputs: int = 500,
+        pseudo_input_init: str | Tensor = "normal",
+        pseudo_input_data: Tensor | None = None,
+        num_prior_components: int = 10,
+        num_prior_flows: int = 2,
         param_store: bool = True,
     ) -> None:
         if latent not in _LATENTS:
             raise ValueError(f"latent must be one of {_LATENTS}, got {latent!r}")
+        prior = _PRIORS[latent][0] if prior is None else prior
+        if prior not in _PRIORS[latent]:
+            raise ValueError(f"prior must be one of {_PRIORS[latent]} for latent={latent!r}, "
+                             f"got {prior!r}")
+        if prior == "vamp" and flow is not None:
+            raise ValueError(f"prior='vamp' needs a posterior without flow (its mixture "
+                             f"evaluates q(z | u_k) at every z), got flow={flow!r}")
         if flow is not None:
             if flow not in _FLOWS:
                 raise ValueError(f"flow must be None or one of {_FLOWS}, got {flow!r}")
@@ -170,6 +216,16 @@ class VAE(PyroModule):
         )
         self.flow = flow
         self.num_flows = num_flows if flow is not None else 0
+        self.prior_kind = prior
+        #: the learned prior's module (None for the fixed priors)
+        self.prior_module: nn.Module | None = None
+        if prior == "vamp":
+            self.prior_module = VampPriorModule(num_pseudo_inputs, input_dim,
+                                                init=pseudo_input_init, data=pseudo_input_data)
+        elif prior == "mog":
+            self.prior_module = MixtureOfGaussiansPrior(latent_dim, num_prior_components)
+        elif prior == "flow":
+            self.prior_module = FlowPrior(latent_dim, num_prior_flows)
         #: the amortized posterior flows, each conditioned on h(x); empty without ``flow``
         self.flows = nn.ModuleList(
             [] if flow is None else _make_flows(flow, latent_dim, hidden_dims[-1], num_flows)
@@ -202,9 +258,15 @@ class VAE(PyroModule):
         return z
 
     def prior(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
-        """The prior :math:`p(z)` on ``like``'s device and dtype: batch shape
-        ``(batch_size,)``, or ``()`` for ``batch_size=None``; event shape ``(event_dim,)``."""
-        if self.latent == "vmf":
+        """The prior :math:`p(z)`: batch shape ``(batch_size,)``, or ``()`` for
+        ``batch_size=None``; event shape ``(event_dim,)``. A fixed prior is built on ``like``'s
+        device and dtype, a learned one on its parameters'; the VampPrior runs the encoder on
+        the pseudo-inputs (once per call; cached in eval mode)."""
+        if self.prior_kind == "vamp":
+            prior = self.prior_module(self.posterior)
+        elif self.prior_module is not None:
+            prior = self.prior_module()
+        elif self.latent == "vmf":
             prior = HypersphericalUniform(self.event_dim, dtype=like.dtype, device=like.device)
         else:
             prior = pyro_dist.Normal(like.new_zeros(()), 1.0).expand([self.event_dim]).to_event(1)
@@ -232,6 +294,8 @@ class VAE(PyroModule):
     ) -> None:
         if self.param_store:
             pyro.module(f"{self.pyro_name}.decoder", self.decoder)
+            if self.prior_module is not None:
+                pyro.module(f"{self.pyro_name}.prior", self.prior_module)
         with self._data_plate(x, indices, num_data):
             with poutine.scale(scale=kl_scale):
                 z = pyro.sample("z", self.prior(x.shape[0], x))
