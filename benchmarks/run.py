@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda, but CUDA is not available")
 
     sys.path.insert(0, str(REPOSITORY))  # pyro_dgm from this checkout, without installing
+    sys.path.insert(0, str(BENCHMARKS))  # their shared helpers (_timing)
     torch.set_num_threads(arguments.threads)
     print(describe_machine(arguments.device, torch.get_num_threads()))
     options = {

@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 
 from pyro_dgm.data import BINARIZED_MNIST_SPLITS, MinibatchLoader, load_binarized_mnist
 from pyro_dgm.infer import (
-    TraceAnalyticKL_ELBO,
+    OBJECTIVES,
     elbo_terms,
     evaluate_dataset,
     load_checkpoint,
+    make_objective,
     resume_training_state,
     save_checkpoint,
     save_training_state,
@@ -70,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-flows", type=int, default=16,
                         help="flows in the stack (reflections for householder)")
     parser.add_argument("--latent-dim", type=int, default=64)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="elbo",
+                        help="training objective: the ELBO or the IWAE bound")
+    parser.add_argument("--num-particles", type=int, default=None,
+                        help="K of the objective (default: 1 for the ELBO, 5 for IWAE)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="optimisation settings (see the module documentation)")
     parser.add_argument("--epochs", type=int, default=None, help="at most this many epochs")
@@ -99,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue from the checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.num_particles is None:
+        args.num_particles = 5 if args.objective == "iwae" else 1
+    if args.num_particles < 1:
+        parser.error("--num-particles must be positive")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -164,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     vae = vae.to(device)
     optimizer_class = torch.optim.Adamax if args.optimizer == "adamax" else torch.optim.Adam
     optimizer = optimizer_class(vae.parameters(), lr=args.lr)
-    loss = functools.partial(TraceAnalyticKL_ELBO().differentiable_loss, vae.model, vae.guide)
+    objective = make_objective(args.objective, args.num_particles)
+    loss = functools.partial(objective.differentiable_loss, vae.model, vae.guide)
     checkpoint_path, best_path = out / "checkpoint.pt", out / "best.pt"
     history: list[dict] = []
     first_epoch, best_elbo, best_epoch = 0, -float("inf"), 0
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     flows = "" if args.flow == "none" else f" ({args.num_flows} flows)"
     print(f"VAE, flow {args.flow}{flows}, d = {args.latent_dim}, "
           f"{len(train_images):,} training / {len(valid_images):,} validation images, "
-          f"preset {args.preset}, device {device}")
+          f"objective {args.objective} (K = {args.num_particles}), preset {args.preset}, "
+          f"device {device}")
     for epoch in range(first_epoch, args.epochs):
         # patience counts the epochs after warm-up since the best validation ELBO
         if best_epoch > 0 and epoch - max(best_epoch, args.warmup_epochs) >= args.patience:
