@@ -25,7 +25,7 @@ class VampPrior(TorchDistribution):
 
     the encoder's variational posterior :math:`q(z \\mid x)` evaluated at :math:`K`
     pseudo-inputs :math:`u_1, \\dots, u_K` (learned jointly with the VAE, see
-    :class:`~pyro_dgm.models.priors.VampPriorModule`). The encoder is called **once**, on the
+    :class:`~pyro_dgm.models.VampPriorModule`). The encoder is called **once**, on the
     whole batch of pseudo-inputs, in the constructor; its output, a distribution of batch shape
     ``(K,)`` and event shape ``(m,)``, is kept as :attr:`components`.
 

@@ -1,5 +1,7 @@
-"""The model zoo: deep generative models as Pyro ``PyroModule`` model/guide pairs."""
+"""The model zoo: deep generative models as Pyro ``PyroModule`` model/guide pairs, and the
+learnable priors they can use."""
 
+from pyro_dgm.models.priors import FlowPrior, MixtureOfGaussiansPrior, VampPriorModule
 from pyro_dgm.models.vae import VAE
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "FlowPrior", "MixtureOfGaussiansPrior", "VampPriorModule"]

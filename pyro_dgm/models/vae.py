@@ -95,15 +95,15 @@ class VAE(PyroModule):
 
     * ``"vamp"`` (both families): the VampPrior of Tomczak & Welling (2018),
       :math:`p(z) = \\frac1K \\sum_k q(z \\mid u_k)` over ``num_pseudo_inputs`` learned
-      pseudo-inputs :math:`u_k \\in [0, 1]^D` (:class:`~pyro_dgm.models.priors.VampPriorModule`,
+      pseudo-inputs :math:`u_k \\in [0, 1]^D` (:class:`~pyro_dgm.models.VampPriorModule`,
       initialised as ``pseudo_input_init`` says), built from the current encoder once per
       ``model`` call, so the gradient reaches pseudo-inputs and encoder; for the S-VAE a
       mixture of vMFs on the sphere;
     * ``"mog"``: a mixture of ``num_prior_components`` Gaussians with learned weights, means
-      and diagonal scales (:class:`~pyro_dgm.models.priors.MixtureOfGaussiansPrior`);
+      and diagonal scales (:class:`~pyro_dgm.models.MixtureOfGaussiansPrior`);
     * ``"flow"``: :math:`\\mathcal{N}(0, I)` pushed through ``num_prior_flows`` affine
       autoregressive flows, density evaluated in one pass per flow (MAF;
-      :class:`~pyro_dgm.models.priors.FlowPrior`).
+      :class:`~pyro_dgm.models.FlowPrior`).
 
     A learned prior has no closed-form KL: :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` then
     uses the Monte Carlo KL, :math:`\\log q(z \\mid x) - \\log p(z)` at the posterior
