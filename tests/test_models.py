@@ -176,3 +176,26 @@ def test_vamp_prior_is_the_mixture_of_the_current_posteriors_and_cached_in_eval(
 def test_bad_prior_raises(latent, prior, flow):
     with pytest.raises(ValueError, match="prior"):
         VAE(latent, latent_dim=3, input_dim=20, hidden_dims=(16,), prior=prior, flow=flow)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("latent, prior", PRIORS)
+def test_every_prior_and_objective_runs_on_cuda(latent, prior):
+    """Nothing is created on the default device: training, evaluation and diagnostics on CUDA
+    give finite values with every tensor on the GPU."""
+    from pyro_dgm.infer import importance_log_likelihood, make_objective
+
+    torch.manual_seed(0)
+    vae = VAE(latent, latent_dim=3, input_dim=20, hidden_dims=(16,), prior=prior,
+              num_pseudo_inputs=7, param_store=False).cuda()
+    x = torch.bernoulli(torch.full((5, 20), 0.4, device="cuda"))
+    for objective in ("elbo", "iwae"):
+        loss = make_objective(objective, 4).differentiable_loss(vae.model, vae.guide, x)
+        loss.backward()
+        assert loss.device.type == "cuda" and torch.isfinite(loss)
+    vae.eval()
+    estimate = importance_log_likelihood(vae.model, vae.guide, x, num_samples=10)
+    assert estimate.log_likelihood.device.type == "cuda"
+    assert torch.isfinite(estimate.log_likelihood).all()
+    diagnostics = vae.latent_diagnostics(x, num_points=5)
+    assert diagnostics["mutual_information"] <= diagnostics["log_num_data"] + 1e-9
