@@ -18,12 +18,10 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import matplotlib
-import pyro
 import torch
 from tqdm.auto import tqdm
 
@@ -34,7 +32,9 @@ from pyro_dgm.infer import (
     evaluate_dataset,
     make_objective,
     resume_training_state,
+    run_until_interrupted,
     save_training_state,
+    start_run,
     train_epoch,
 )
 from pyro_dgm.models import VAE
@@ -94,11 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def choose_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def plot_sphere(vae: VAE, images: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
     """Posterior means of the test set, coloured by digit: on S^2 for the S-VAE (d = 2), in the
@@ -123,12 +118,9 @@ def plot_sphere(vae: VAE, images: torch.Tensor, labels: torch.Tensor, path: Path
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = choose_device(args.device)
+    device = start_run(args.device, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    pyro.set_rng_seed(args.seed)
-    pyro.enable_validation(False)  # argument checks synchronise with the device every step
 
     data = load_mnist_or_fallback(args.data_dir)
     print(f"data: {data.source}")
@@ -220,9 +212,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is in the checkpoint; rerun with --resume",
-              file=sys.stderr)
-        sys.exit(130)
+    run_until_interrupted(main)

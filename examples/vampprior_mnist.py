@@ -26,11 +26,9 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import pyro
 import torch
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -38,13 +36,15 @@ from tqdm.auto import tqdm
 from pyro_dgm.data import MinibatchLoader, binarize_fixed, load_mnist_or_fallback
 from pyro_dgm.infer import (
     OBJECTIVES,
-    elbo_terms,
+    dataset_elbo,
     evaluate_dataset,
     load_checkpoint,
     make_objective,
     resume_training_state,
+    run_until_interrupted,
     save_checkpoint,
     save_training_state,
+    start_run,
     train_epoch,
 )
 from pyro_dgm.models import VAE
@@ -118,23 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@torch.no_grad()
-def dataset_elbo(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> float:
-    """The ELBO per image (one sample each), nats."""
-    total = sum(float(elbo_terms(vae.model, vae.guide, batch).elbo.double().sum())
-                for batch in images.split(batch_size))
-    return total / images.shape[0]
-
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = start_run(args.device, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    pyro.set_rng_seed(args.seed)
-    pyro.enable_validation(False)  # argument checks synchronise with the device every step
 
     data = load_mnist_or_fallback(args.data_dir)
     print(f"data: {data.source}")
@@ -191,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         line = f"epoch {epoch + 1:4d}  train {args.objective} {-loss:8.2f}"
         if valid_count:
             vae.eval()
-            record["valid_elbo"] = valid_elbo = dataset_elbo(vae, valid_images)
+            record["valid_elbo"] = valid_elbo = dataset_elbo(vae.model, vae.guide, valid_images)
             if valid_elbo > best_elbo:
                 best_elbo, best_epoch = valid_elbo, epoch + 1
                 save_checkpoint(best_path, model=vae.state_dict(), epoch=epoch, args=vars(args))
@@ -238,9 +227,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is in the checkpoint; rerun with --resume",
-              file=sys.stderr)
-        sys.exit(130)
+    run_until_interrupted(main)

@@ -12,6 +12,7 @@ from pyro_dgm.infer.evaluation import (
     DatasetEvaluation,
     ElboTerms,
     LogLikelihoodEstimate,
+    dataset_elbo,
     elbo_terms,
     evaluate_dataset,
     importance_log_likelihood,
@@ -23,8 +24,10 @@ from pyro_dgm.infer.training import (
     load_checkpoint,
     make_objective,
     resume_training_state,
+    run_until_interrupted,
     save_checkpoint,
     save_training_state,
+    start_run,
     train_epoch,
 )
 
@@ -40,6 +43,7 @@ __all__ = [
     "ImportanceWeightedELBO",
     "LogLikelihoodEstimate",
     "TraceAnalyticKL_ELBO",
+    "dataset_elbo",
     "elbo_terms",
     "evaluate_dataset",
     "importance_log_likelihood",
@@ -49,5 +53,7 @@ __all__ = [
     "resume_training_state",
     "save_checkpoint",
     "save_training_state",
+    "start_run",
+    "run_until_interrupted",
     "train_epoch",
 ]

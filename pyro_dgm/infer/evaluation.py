@@ -26,6 +26,7 @@ __all__ = [
     "DatasetEvaluation",
     "ElboTerms",
     "LogLikelihoodEstimate",
+    "dataset_elbo",
     "elbo_terms",
     "evaluate_dataset",
     "importance_log_likelihood",
@@ -186,6 +187,19 @@ def elbo_terms(
     reconstruction = torch.as_tensor(reconstruction).mean(0)
     kl = torch.as_tensor(kl).mean(0)
     return ElboTerms(reconstruction - kl, reconstruction, kl)
+
+
+@torch.no_grad()
+def dataset_elbo(
+    model: Callable, guide: Callable, data: Tensor, *, batch_size: int = 500,
+    data_plate: str = "data",
+) -> float:
+    """The ELBO per data point averaged over ``data`` (shape ``(N, ...)``), one sample each,
+    nats: :func:`elbo_terms` over slices of ``batch_size``, summed in float64. Cheap enough for
+    a validation score every epoch."""
+    total = sum(float(elbo_terms(model, guide, batch, data_plate=data_plate).elbo.double().sum())
+                for batch in data.split(batch_size))
+    return total / data.shape[0]
 
 
 @dataclass

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -21,6 +23,8 @@ __all__ = [
     "OBJECTIVES",
     "kl_warmup",
     "make_objective",
+    "run_until_interrupted",
+    "start_run",
     "load_checkpoint",
     "resume_training_state",
     "save_checkpoint",
@@ -170,3 +174,26 @@ def resume_training_state(
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return state
+
+
+def start_run(device: str = "auto", seed: int = 0) -> torch.device:
+    """Prepare a training run: seed torch and Pyro with ``seed``, turn Pyro's validation off
+    (its argument checks read tensors on the host every step), and return the device
+    (``"auto"``: CUDA when available, else the CPU)."""
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    pyro.enable_validation(False)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def run_until_interrupted(main: Callable[[], Any]) -> Any:
+    """Call ``main()``; on Ctrl-C, say that the checkpoint holds the last finished epoch and
+    exit with status 130 instead of printing a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is in the checkpoint; rerun with --resume",
+              file=sys.stderr)
+        sys.exit(130)
