@@ -143,7 +143,6 @@ def random_subset(images: torch.Tensor, count: int | None, seed: int) -> torch.T
     return images[order[:count]]
 
 
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = start_run(args.device, args.seed)

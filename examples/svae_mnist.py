@@ -94,7 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-
 def plot_sphere(vae: VAE, images: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
     """Posterior means of the test set, coloured by digit: on S^2 for the S-VAE (d = 2), in the
     plane for the N-VAE."""

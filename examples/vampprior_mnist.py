@@ -118,7 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = start_run(args.device, args.seed)
