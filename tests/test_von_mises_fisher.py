@@ -364,3 +364,20 @@ def test_cuda_sampling_log_prob_and_gradients():
     score = q.score_parts(z).score_function
     (z.sum() + (score - score.detach()).sum()).backward()
     assert concentration.grad.device.type == "cuda" and torch.isfinite(concentration.grad).all()
+
+
+@pytest.mark.parametrize("a", [0.5, 1.0, 5.0, 32.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_proposal_is_symmetric_beta_and_its_complement_exact(a, dtype):
+    """The sampler's proposal pair (eps, 1 - eps) from one gamma and one normal: Beta(a, a) by a
+    Kolmogorov-Smirnov test against scipy (p > 1e-3, 20,000 draws), both positive, summing to
+    1 within rounding."""
+    from pyro_dgm.distributions.von_mises_fisher import _symmetric_beta_pair
+
+    torch.manual_seed(12)
+    eps, complement = _symmetric_beta_pair(torch.full((20_000,), a, dtype=dtype))
+    assert eps.dtype == dtype
+    assert scipy.stats.kstest(eps.double().numpy(), scipy.stats.beta(a, a).cdf).pvalue > 1e-3
+    tiny = torch.finfo(dtype).eps
+    assert ((eps + complement - 1).abs() <= 2 * tiny).all()
+    assert ((eps > 0) & (complement > 0)).all()

@@ -27,10 +27,10 @@ class VonMisesFisher(TorchDistribution):
         C_m(\\kappa) = \\frac{\\kappa^{m/2-1}}{(2\\pi)^{m/2} I_{m/2-1}(\\kappa)}.
 
     **Sampling** is exact. The component :math:`w = \\mu^\\top z` is drawn by Wood's (1994)
-    rejection sampler with proposal :math:`\\varepsilon \\sim \\mathrm{Beta}((m-1)/2, (m-1)/2)`,
+    rejection sampler with proposal :math:`\\varepsilon \\sim \\mathrm{Beta}((m-1)/2, (m-1)/2)`
+    (drawn from one gamma and one normal variate, through Student's t),
     :math:`w = h(\\varepsilon, \\kappa) = (1 - (1+b)\\varepsilon) / (1 - (1-b)\\varepsilon)`
-    and the
-    envelope parameter written without cancellation,
+    and the envelope parameter written without cancellation,
     :math:`b = (m-1) / (2\\kappa + \\sqrt{4\\kappa^2 + (m-1)^2})`; the acceptance test and
     :math:`1 - w^2` are rewritten in :math:`\\varepsilon` so that nothing of size
     :math:`\\kappa` is subtracted. For :math:`m = 3`, :math:`w` is drawn by exact inversion of its
@@ -300,8 +300,7 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     accepted_pair = pending = None  # (2, count): eps and 1 - eps
     b_pending, scale_pending, offset_pending = b, scale, offset
     while True:
-        gammas = torch._standard_gamma(b.new_full((2, b_pending.shape[0], per_element), half))
-        pair = gammas / (gammas[0] + gammas[1])  # eps = G1 / (G1 + G2), 1 - eps = G2 / (...)
+        pair = _symmetric_beta_pair(b.new_full((b_pending.shape[0], per_element), half))
         eps, eps_complement = pair
         denominator = torch.addcmul(eps_complement, b_pending.unsqueeze(-1), eps)
         log_accept = torch.addcmul(
@@ -329,6 +328,26 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
             t[still] for t in (b_pending, scale_pending, offset_pending)
         )
         per_element = min(2 * per_element, 64)
+
+
+def _symmetric_beta_pair(half: Tensor) -> Tensor:
+    """Draws eps ~ Beta(a, a) for a = ``half`` (any shape), returned stacked with 1 - eps as
+    (2, ...), both without cancellation.
+
+    With Z ~ N(0, 1) and V ~ chi^2_{2a} = 2 Gamma(a) independent, Z / sqrt(V / 2a) is Student's
+    t with 2a degrees of freedom and eps = (1 + Z / s) / 2, s = sqrt(V + Z^2), is Beta(a, a):
+    one gamma variate per draw instead of the two of G1 / (G1 + G2). The smaller of eps and
+    1 - eps is written V / (2 s (s + |Z|)), the larger (s + |Z|) / (2 s).
+    """
+    chi_square = 2 * torch._standard_gamma(half)
+    normal = torch.randn_like(half)
+    root = torch.sqrt(chi_square + normal.square())
+    larger_numerator = root + normal.abs()
+    larger = larger_numerator / (2 * root)
+    smaller = chi_square / (2 * root * larger_numerator)
+    positive = normal >= 0
+    return torch.stack([torch.where(positive, larger, smaller),
+                        torch.where(positive, smaller, larger)])
 
 
 def _reflect_e1_to(loc: Tensor, x: Tensor) -> Tensor:
