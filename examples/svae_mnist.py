@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{latents['marginal_kl']:>10.2f}")
     print(f"(LL standard error {result.log_likelihood_standard_error:.3f}, "
           f"{result.bits_per_dim:.4f} bits/dim; mean effective sample size "
-          f"{result.effective_sample_size:.1f} of {args.num_samples}. L_K: the IWAE training "
-          f"bound; AU: active units of {vae.event_dim}; MI = I_q[x, z] <= log N = "
+          f"{result.effective_sample_size:.1f} of {args.num_samples}."
+          f"{' L_K: the IWAE training bound on the test set;' if iwae_bound is not None else ''}"
+          f" AU: active units of {vae.event_dim}; MI = I_q[x, z] <= log N = "
           f"{latents['log_num_data']:.2f} and KL(q_agg || p), the ELBO surgery of the average "
           f"KL {latents['average_kl']:.2f})")
 
