@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from pyro_dgm.data import BINARIZED_MNIST_SPLITS, MinibatchLoader, load_binarized_mnist
 from pyro_dgm.infer import (
     OBJECTIVES,
+    active_units,
     dataset_elbo,
     evaluate_dataset,
     load_checkpoint,
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training objective: the ELBO or the IWAE bound")
     parser.add_argument("--num-particles", type=int, default=None,
                         help="K of the objective (default: 1 for the ELBO, 5 for IWAE)")
+    parser.add_argument("--surgery-points", type=int, default=0,
+                        help="test images whose posterior draws enter the ELBO surgery (0: "
+                             "skip; it inverts the flow at every draw for every test image)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="optimisation settings (see the module documentation)")
     parser.add_argument("--epochs", type=int, default=None, help="at most this many epochs")
@@ -221,15 +225,30 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nTest set ({len(test_images):,} images; model of epoch {best_epoch}, the best "
           f"validation ELBO; NLL with {args.num_samples} importance samples, "
           f"{time.perf_counter() - started:.0f} s), nats:")
-    print(f"{'flow':<24}{'K':>4}{'-ELBO':>10}{'NLL':>10}{'KL':>9}")
-    print(f"{args.flow:<24}{args.num_flows if args.flow != 'none' else 0:>4}"
-          f"{-result.elbo:>10.2f}{-result.log_likelihood:>10.2f}{result.kl:>9.2f}")
-    print(f"(NLL standard error {result.log_likelihood_standard_error:.3f}; mean effective "
-          f"sample size {result.effective_sample_size:.1f} of {args.num_samples})")
+    units = active_units(vae.posterior, test_images, seed=args.seed)
+    latents = {"active_units": units.count}
+    print(f"{'flow':<24}{'flows':>6}{'-ELBO':>10}{'NLL':>10}{'KL':>9}{'AU':>5}")
+    print(f"{args.flow:<24}{args.num_flows if args.flow != 'none' else 0:>6}"
+          f"{-result.elbo:>10.2f}{-result.log_likelihood:>10.2f}{result.kl:>9.2f}"
+          f"{units.count:>5}")
+    print(f"(NLL standard error {result.log_likelihood_standard_error:.3f}, "
+          f"{result.bits_per_dim:.4f} bits/dim; mean effective sample size "
+          f"{result.effective_sample_size:.1f} of {args.num_samples}; AU: active units of "
+          f"{args.latent_dim})")
+    if args.surgery_points:
+        try:
+            latents = vae.latent_diagnostics(test_images, num_points=args.surgery_points,
+                                             seed=args.seed)
+            print(f"ELBO surgery: average KL {latents['average_kl']:.2f} = MI "
+                  f"{latents['mutual_information']:.2f} (<= log N = "
+                  f"{latents['log_num_data']:.2f}) + KL(q_agg || p) "
+                  f"{latents['marginal_kl']:.2f}")
+        except NotImplementedError as error:
+            print(f"ELBO surgery skipped: {error}")
 
     save_samples_and_reconstructions(vae, test_images, out)
     metrics = {"args": vars(args), "device": str(device), "best_epoch": best_epoch,
-               "history": history, "test": result.as_dict(),
+               "history": history, "test": {**result.as_dict(), **latents},
                "test_images": len(test_images)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"saved checkpoint.pt, best.pt, metrics.json, samples.png, reconstructions.png "
