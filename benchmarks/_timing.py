@@ -35,3 +35,37 @@ def median_step_seconds(
             synchronize(device)
             times[name].append((time.perf_counter() - start) / steps)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_benchmark(
+    name: str,
+    benchmark: Callable[[bool, torch.device], None],
+    quick: bool = False,
+    device: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """Set the device (default CUDA when available) and torch's threads (default 1), print a
+    header line naming them, and run ``benchmark(quick, device)`` with Pyro's validation off."""
+    import pyro
+
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(threads or 1)
+    where = torch.cuda.get_device_name(device_) if device_.type == "cuda" else "CPU"
+    print(f"{name}: device {device_} ({where}), torch {torch.__version__}, pyro "
+          f"{pyro.__version__}, {torch.get_num_threads()} threads"
+          + (", --quick" if quick else ""))
+    with pyro.validation_enabled(False):
+        benchmark(quick, device_)
+
+
+def command_line(main: Callable[..., None], description: str) -> None:
+    """Parse ``--quick``, ``--device`` and ``--threads`` and call ``main`` with them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    arguments = parser.parse_args()
+    main(arguments.quick, arguments.device, arguments.threads)

@@ -19,12 +19,10 @@ Run: ``python benchmarks/bench_iwae.py [--quick] [--device cpu|cuda] [--threads 
 
 from __future__ import annotations
 
-import argparse
 import functools
 
-import pyro
 import torch
-from _timing import Step, median_step_seconds
+from _timing import Step, command_line, median_step_seconds, run_benchmark
 
 from pyro_dgm.infer import ImportanceWeightedELBO, TraceAnalyticKL_ELBO
 from pyro_dgm.models import VAE
@@ -85,21 +83,8 @@ def main(quick: bool = False, device: str | None = None, threads: int | None = N
     :param device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
     :param threads: torch's intra-op threads; default 1.
     """
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_num_threads(threads or 1)
-    where = torch.cuda.get_device_name(device_) if device_.type == "cuda" else "CPU"
-    print(f"bench_iwae: device {device_} ({where}), torch {torch.__version__}, pyro "
-          f"{pyro.__version__}, {torch.get_num_threads()} threads"
-          + (", --quick" if quick else ""))
-    with pyro.validation_enabled(False):
-        benchmark(quick, device_)
+    run_benchmark("bench_iwae", benchmark, quick, device, threads)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    arguments = parser.parse_args()
-    main(arguments.quick, arguments.device, arguments.threads)
+    command_line(main, __doc__.splitlines()[0])

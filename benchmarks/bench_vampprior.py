@@ -26,13 +26,11 @@ Run: ``python benchmarks/bench_vampprior.py [--quick] [--device cpu|cuda] [--thr
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable
 
-import pyro
 import torch
-from _timing import median_step_seconds
+from _timing import command_line, median_step_seconds, run_benchmark
 
 from pyro_dgm.infer import TraceAnalyticKL_ELBO
 from pyro_dgm.models import VAE
@@ -115,21 +113,8 @@ def main(quick: bool = False, device: str | None = None, threads: int | None = N
     :param device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
     :param threads: torch's intra-op threads; default 1.
     """
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_num_threads(threads or 1)
-    where = torch.cuda.get_device_name(device_) if device_.type == "cuda" else "CPU"
-    print(f"bench_vampprior: device {device_} ({where}), torch {torch.__version__}, pyro "
-          f"{pyro.__version__}, {torch.get_num_threads()} threads"
-          + (", --quick" if quick else ""))
-    with pyro.validation_enabled(False):
-        benchmark(quick, device_)
+    run_benchmark("bench_vampprior", benchmark, quick, device, threads)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    arguments = parser.parse_args()
-    main(arguments.quick, arguments.device, arguments.threads)
+    command_line(main, __doc__.splitlines()[0])
