@@ -36,8 +36,10 @@ class VampPrior(TorchDistribution):
     terms :math:`\\log C_m(\\kappa_k) + \\kappa_k \\mu_k^\\top z` come from one matrix product
     ``z @ (kappa * mu).T`` plus the :math:`K` log-normalizers, evaluated once per component (the
     Bessel function never sees the broadcast ``(..., K)`` shape), and no ``(..., K, m)``
-    intermediate is formed; other families go through their own ``log_prob``, which for
-    ``Normal(...).to_event(1)`` forms a ``(..., K, m)`` intermediate.
+    intermediate is formed; for ``Normal(...).to_event(1)`` components the squared distance is
+    expanded into one float64 matrix product as well (after centering, about 1e-12 nats from
+    the direct evaluation); other families go through their own ``log_prob`` on the broadcast
+    ``(..., K, m)`` shape.
 
     **Sampling**: a component index :math:`k` uniform on :math:`\\{1, \\dots, K\\}` (a
     categorical draw, not reparameterized), then a draw of :math:`q(z \\mid u_k)`,
