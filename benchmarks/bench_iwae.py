@@ -19,10 +19,15 @@ Run: ``python benchmarks/bench_iwae.py [--quick] [--device cpu|cuda] [--threads 
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from _timing import Step, command_line, median_step_seconds, run_benchmark
+from _timing import (
+    Step,
+    command_line,
+    median_step_seconds,
+    random_binary_batches,
+    run_benchmark,
+    training_step,
+)
 
 from pyro_dgm.infer import ImportanceWeightedELBO, TraceAnalyticKL_ELBO
 from pyro_dgm.models import VAE
@@ -35,22 +40,8 @@ ROUNDS, STEPS = 7, 20
 QUICK_ROUNDS, QUICK_STEPS = 3, 5
 
 
-def training_step(vae: VAE, objective, batches: list[torch.Tensor]) -> Step:
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    loss_fn = functools.partial(objective.differentiable_loss, vae.model, vae.guide)
-
-    def step(index: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(batches[index % len(batches)]).backward()
-        optimizer.step()
-
-    return step
-
-
 def make_rows(latent: str, device: torch.device) -> dict[str, Step]:
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.bernoulli(torch.full((BATCH_SIZE, 784), 0.13), generator=generator)
-               .to(device) for _ in range(8)]
+    batches = random_binary_batches(BATCH_SIZE, device)
     torch.manual_seed(0)
     objectives = {"ELBO": TraceAnalyticKL_ELBO()}
     objectives.update({f"IWAE K={k}": ImportanceWeightedELBO(k) for k in PARTICLES})

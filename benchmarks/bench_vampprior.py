@@ -26,11 +26,16 @@ Run: ``python benchmarks/bench_vampprior.py [--quick] [--device cpu|cuda] [--thr
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
-from _timing import command_line, median_step_seconds, run_benchmark
+from _timing import (
+    command_line,
+    median_step_seconds,
+    random_binary_batches,
+    run_benchmark,
+    training_step,
+)
 
 from pyro_dgm.infer import TraceAnalyticKL_ELBO
 from pyro_dgm.models import VAE
@@ -43,19 +48,7 @@ WARMUP_STEPS = 5
 ROUNDS, STEPS = 9, 20
 QUICK_ROUNDS, QUICK_STEPS = 3, 5
 TARGET = 1.2
-
-
-def training_step(vae: VAE, batches: list[torch.Tensor]) -> Callable[[int], None]:
-    optimizer = torch.optim.Adam(vae.parameters(), lr=5e-4)
-    loss_fn = functools.partial(TraceAnalyticKL_ELBO().differentiable_loss, vae.model,
-                                vae.guide)
-
-    def step(index: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(batches[index % len(batches)]).backward()
-        optimizer.step()
-
-    return step
+LEARNING_RATE = 5e-4
 
 
 def encoder_pass(vae: VAE) -> Callable[[int], None]:
@@ -72,16 +65,16 @@ def encoder_pass(vae: VAE) -> Callable[[int], None]:
 
 
 def make_rows(latent: str, device: torch.device) -> dict[str, Callable[[int], None]]:
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.bernoulli(torch.full((BATCH_SIZE, 784), 0.13), generator=generator)
-               .to(device) for _ in range(8)]
+    batches = random_binary_batches(BATCH_SIZE, device)
     fixed = "standard" if latent == "normal" else "uniform"
     torch.manual_seed(0)
     standard = VAE(latent, LATENT_DIM, hidden_dims=HIDDEN_DIMS, prior=fixed,
                    param_store=False).to(device)
     vamp = VAE(latent, LATENT_DIM, hidden_dims=HIDDEN_DIMS, prior="vamp",
                num_pseudo_inputs=NUM_PSEUDO_INPUTS, param_store=False).to(device)
-    return {"T_std": training_step(standard, batches), "T_vamp": training_step(vamp, batches),
+    elbo = TraceAnalyticKL_ELBO()
+    return {"T_std": training_step(standard, elbo, batches, LEARNING_RATE),
+            "T_vamp": training_step(vamp, elbo, batches, LEARNING_RATE),
             "T_enc": encoder_pass(vamp)}
 
 
