@@ -31,7 +31,7 @@ from pyro_dgm.infer import (
     ImportanceWeightedELBO,
     evaluate_dataset,
     make_objective,
-    resume_training_state,
+    resume_run,
     run_until_interrupted,
     save_training_state,
     start_run,
@@ -136,15 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     loss_fn = functools.partial(objective.differentiable_loss, vae.model, vae.guide)
     warmup_steps = round(args.warmup_epochs * len(train))
     checkpoint_path = out / "checkpoint.pt"
-    history: list[dict] = []
-    first_epoch = 0
-    if args.resume:
-        state = resume_training_state(checkpoint_path, vae, optimizer, map_location=device)
-        if state is None:
-            print(f"no checkpoint in {out}; starting afresh")
-        else:
-            history, first_epoch = state["history"], state["epoch"] + 1
-            print(f"resumed from {checkpoint_path} after epoch {first_epoch}")
+    start = resume_run(args.resume, checkpoint_path, vae, optimizer, map_location=device)
+    history, first_epoch = start["history"], start["first_epoch"]
 
     family = "S-VAE (vMF, uniform prior)" if args.latent == "vmf" else "N-VAE (Gaussian)"
     bound = ("ELBO" if args.num_particles == 1 else f"ELBO, {args.num_particles} particles"

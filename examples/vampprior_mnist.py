@@ -40,7 +40,7 @@ from pyro_dgm.infer import (
     evaluate_dataset,
     load_checkpoint,
     make_objective,
-    resume_training_state,
+    resume_run,
     run_until_interrupted,
     save_checkpoint,
     save_training_state,
@@ -144,16 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     objective = make_objective(args.objective, args.num_particles)
     loss_fn = functools.partial(objective.differentiable_loss, vae.model, vae.guide)
     checkpoint_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    history: list[dict] = []
-    first_epoch, best_elbo, best_epoch = 0, -float("inf"), 0
-    if args.resume:
-        state = resume_training_state(checkpoint_path, vae, optimizer, map_location=device)
-        if state is None:
-            print(f"no checkpoint in {out}; starting afresh")
-        else:
-            history, first_epoch = state["history"], state["epoch"] + 1
-            best_elbo, best_epoch = state["best_elbo"], state["best_epoch"]
-            print(f"resumed from {checkpoint_path} after epoch {first_epoch}")
+    start = resume_run(args.resume, checkpoint_path, vae, optimizer, map_location=device,
+                       best_elbo=-float("inf"), best_epoch=0)
+    history, first_epoch = start["history"], start["first_epoch"]
+    best_elbo, best_epoch = start["best_elbo"], start["best_epoch"]
 
     family = "Gaussian" if args.latent == "normal" else "vMF"
     print(f"VAE ({family} latents, d = {args.latent_dim}), prior {args.prior}"

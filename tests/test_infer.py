@@ -17,6 +17,7 @@ from pyro_dgm.infer import (
     importance_log_likelihood,
     kl_warmup,
     load_checkpoint,
+    resume_run,
     resume_training_state,
     save_checkpoint,
     save_training_state,
@@ -262,3 +263,18 @@ def test_training_state_round_trip(tmp_path):
     restored = [s["exp_avg_sq"] for s in fresh_optimizer.state_dict()["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))
     assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_resume_run_starts_fresh_or_continues(tmp_path, capsys):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    path = tmp_path / "checkpoint.pt"
+    fresh = {"history": [], "first_epoch": 0, "best": -1.0}
+    assert resume_run(False, path, model, optimizer, best=-1.0) == fresh
+    assert resume_run(True, path, model, optimizer, best=-1.0) == fresh
+    assert "starting afresh" in capsys.readouterr().out
+    save_training_state(path, model, optimizer, epoch=4, history=[{"epoch": 5}], best=1.5)
+    assert resume_run(False, path, model, optimizer, best=-1.0) == fresh
+    state = resume_run(True, path, model, optimizer, best=-1.0)
+    assert state == {"history": [{"epoch": 5}], "first_epoch": 5, "best": 1.5}
+    assert "after epoch 5" in capsys.readouterr().out

@@ -26,6 +26,7 @@ __all__ = [
     "run_until_interrupted",
     "start_run",
     "load_checkpoint",
+    "resume_run",
     "resume_training_state",
     "save_checkpoint",
     "save_training_state",
@@ -197,3 +198,28 @@ def run_until_interrupted(main: Callable[[], Any]) -> Any:
         print("\ninterrupted: the last finished epoch is in the checkpoint; rerun with --resume",
               file=sys.stderr)
         sys.exit(130)
+
+
+def resume_run(
+    resume: bool,
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    map_location: Any = None,
+    **defaults: Any,
+) -> dict[str, Any]:
+    """Where a training run starts: ``{"history": [], "first_epoch": 0, **defaults}`` for a
+    fresh run, or, with ``resume`` and a checkpoint at ``path``, the state restored by
+    :func:`resume_training_state` (``first_epoch`` the one after the last finished, and the
+    checkpoint's values of the ``defaults``' keys). Prints which of the two it is."""
+    start = {"history": [], "first_epoch": 0, **defaults}
+    if not resume:
+        return start
+    state = resume_training_state(path, model, optimizer, map_location=map_location)
+    if state is None:
+        print(f"no checkpoint at {path}; starting afresh")
+        return start
+    start.update({key: state[key] for key in defaults}, history=state["history"],
+                 first_epoch=state["epoch"] + 1)
+    print(f"resumed from {path} after epoch {start['first_epoch']}")
+    return start
