@@ -358,3 +358,31 @@ def test_dreg_gradients_reach_encoder_and_decoder_of_a_vae():
     loss = ImportanceWeightedELBO(5, gradient="dreg").differentiable_loss(vae.model, vae.guide, x)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.parameters())
+
+
+def test_subsampling_of_a_nested_plate_acts_inside_the_weights():
+    """Only the data plate's scale comes after the log-sum-exp: a pixel plate subsampled 2 of 4
+    inside it scales those pixels' log-likelihoods inside log w, checked on the same samples."""
+    x = torch.tensor([[0.3, -1.0, 2.0, 0.5], [1.0, 0.0, -0.5, 0.2]], dtype=F64)
+    pixels = torch.tensor([0, 2])
+
+    def model(x):
+        with pyro.plate("data", 2, dim=-2):
+            z = pyro.sample("z", pyro_dist.Normal(torch.zeros(1, dtype=F64), 1.0))
+            with pyro.plate("pixels", 4, subsample=pixels, dim=-1) as index:
+                pyro.sample("x", pyro_dist.Normal(z, 1.0), obs=x[:, index])
+
+    def guide(x):
+        with pyro.plate("data", 2, dim=-2):
+            pyro.sample("z", pyro_dist.Normal(torch.full((1,), 0.5, dtype=F64), 0.8))
+
+    iwae = ImportanceWeightedELBO(6, max_plate_nesting=2)
+    pyro.set_rng_seed(9)
+    bound = iwae.bound(model, guide, x)
+    pyro.set_rng_seed(9)
+    _, guide_trace = iwae._get_trace(model, guide, (x,), {})
+    z = guide_trace.nodes["z"]["value"]  # (6, 2, 1)
+    log_w = (pyro_dist.Normal(0.0, 1.0).log_prob(z) - pyro_dist.Normal(0.5, 0.8).log_prob(z)
+             + 2 * pyro_dist.Normal(z, 1.0).log_prob(x[:, pixels]).sum(-1, keepdim=True))
+    expected = torch.logsumexp(log_w.squeeze(-1), 0) - math.log(6)
+    torch.testing.assert_close(bound, expected)

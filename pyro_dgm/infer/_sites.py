@@ -1,6 +1,6 @@
 """Site-level helpers shared by the objectives and the evaluation functions: per-data-point
-reduction of a trace site's log-density and the split of its scale into subsampling and the
-rest (e.g. KL warm-up)."""
+reduction of a trace site's log-density and the split of its scale into the data plate's
+subsampling and the rest (e.g. KL warm-up)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> i
     return max(dims, default=0)
 
 
-def subsample_scale(site: dict) -> float:
-    """The part of a site's scale that comes from subsampled plates: the product of
-    ``full_size / size`` over its plates (1 without subsampling)."""
-    scale = 1.0
+def plate_subsample_scale(site: dict, plate: str) -> float:
+    """The part of a site's scale that subsampling the plate named ``plate`` contributes,
+    ``full_size / size`` (1 if the site is not in that plate or it is not subsampled); the
+    scales of other plates and of ``poutine.scale`` are not included."""
     for frame in site["cond_indep_stack"]:
-        if frame.full_size is not None and frame.full_size != frame.size:
-            scale = scale * frame.full_size / frame.size
-    return scale
+        if frame.name == plate and frame.full_size is not None:
+            return frame.full_size / frame.size
+    return 1.0

@@ -15,7 +15,11 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
 from torch import Tensor
 
-from pyro_dgm.infer._sites import guess_max_plate_nesting, per_data_point, subsample_scale
+from pyro_dgm.infer._sites import (
+    guess_max_plate_nesting,
+    per_data_point,
+    plate_subsample_scale,
+)
 
 __all__ = ["ImportanceWeightedELBO"]
 
@@ -160,10 +164,11 @@ class ImportanceWeightedELBO(ELBO):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample":
                     continue
-                site_scale = subsample_scale(site)
+                site_scale = plate_subsample_scale(site, self.data_plate)
                 if data_scale is None:
                     data_scale = site_scale
-                # scales other than subsampling (e.g. KL warm-up) act inside log w
+                # every other scale (KL warm-up, subsampling of a plate nested in the data
+                # plate) acts inside log w
                 inner_scale = site["scale"] / site_scale
                 if not is_guide:
                     log_prob = site["fn"].log_prob(site["value"])
