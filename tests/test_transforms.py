@@ -13,6 +13,7 @@ import pytest
 import torch
 from pyro.distributions.transforms import Sylvester as PyroSylvester
 from torch.autograd.functional import jacobian
+from torch.func import functional_call
 
 from pyro_dgm.transforms import (
     ConditionalHouseholder,
@@ -24,7 +25,8 @@ from pyro_dgm.transforms import (
     householder,
     sylvester,
 )
-from pyro_dgm.transforms.sylvester import _SylvesterRows
+from pyro_dgm.transforms.householder import _HouseholderMatrix
+from pyro_dgm.transforms.sylvester import _SharedProjections, _sum_log, _SylvesterRows
 
 D, C, B, S = 5, 3, 4, 2  # event, context, batch and particle sizes
 
@@ -257,6 +259,59 @@ def test_fused_backward_matches_finite_differences() -> None:
     ).requires_grad_()
     arguments = (draw(6, 4), draw(4, 3), draw(3), draw(3, 4), diagonal)
     assert torch.autograd.gradcheck(_SylvesterRows.apply, arguments)
+
+
+def test_householder_matrix_is_the_product_of_reflections_with_exact_gradients() -> None:
+    generator = torch.Generator().manual_seed(3)
+    vectors = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    product = torch.eye(6, dtype=torch.float64)
+    for v in vectors:  # H_1 H_2 ... H_K, each I - 2 v v^T / |v|^2
+        product = product @ (torch.eye(6, dtype=torch.float64) - 2 * torch.outer(v, v) / v.dot(v))
+    torch.testing.assert_close(_HouseholderMatrix.apply(vectors), product, rtol=0, atol=1e-14)
+    assert torch.autograd.gradcheck(_HouseholderMatrix.apply, (vectors.requires_grad_(),))
+
+
+def test_shared_projections_backward_matches_finite_differences() -> None:
+    generator = torch.Generator().manual_seed(4)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    for q_shape in [(6, 4), (4, 4)]:  # bottleneck M < D, and M = D
+        assert torch.autograd.gradcheck(
+            _SharedProjections.apply, (draw(*q_shape), draw(4, 4), draw(4))
+        )
+
+
+@pytest.mark.parametrize(
+    "name", ["orthogonal-bottleneck", "householder", "triangular-permuted"]
+)
+def test_plain_flow_gradients_match_finite_differences(name: str) -> None:
+    """The composed hand-written backward passes (Q, projections, rows) of a plain flow, with
+    respect to every parameter and the input, at random parameters."""
+    module = _build(name, conditional=False)
+    names = [parameter_name for parameter_name, _ in module.named_parameters()]
+
+    def flow(x: torch.Tensor, *parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone()  # a new x: no answer from the cache
+        y = functional_call(module, dict(zip(names, parameters, strict=True)), (x,))
+        return y, module.log_abs_det_jacobian(x, y)  # cached by the call, with its graph
+
+    parameters = [parameter.detach().clone().requires_grad_() for parameter in
+                  module.parameters()]
+    assert torch.autograd.gradcheck(flow, (_inputs(3, D).requires_grad_(), *parameters))
+
+
+def test_float32_log_determinant_sums_products_of_factors() -> None:
+    """_sum_log takes a quarter of the logarithms in float32: within float32 rounding of the
+    float64 sum, also with factors down to the smallest float32 gives (2^-24) and up to 2."""
+    generator = torch.Generator().manual_seed(5)
+    factors = torch.rand(256, 64, generator=generator, dtype=torch.float64) * 2
+    factors[:, :8] = 2.0**-24  # a whole group of four at the smallest factor
+    exact = factors.log().sum(-1)
+    single = _sum_log(factors.float())
+    assert torch.allclose(single.double(), exact, rtol=0, atol=64 * 2.0**-24 * 20)
+    torch.testing.assert_close(_sum_log(factors), exact, rtol=0, atol=1e-12)
 
 
 def test_pyro_sylvester_log_det_is_wrong_at_random_parameters() -> None:
