@@ -2,7 +2,8 @@
 
 Run from the repository root: ``python benchmarks/run.py [--quick] [--device cpu|cuda]
 [--threads N] [--only NAME ...]``. ``--quick``, ``--device`` and ``--threads`` are passed on to
-each module's ``main`` that accepts them (others are called with what they accept). A module
+each module's ``main`` that accepts them (others are called with what they accept); without
+``--threads`` each module sets its own default. A module
 that fails is reported and the others still run; the exit status is then 1.
 """
 
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         help="default: cuda when available",
     )
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (default 1)"
+        "--threads", type=int, default=None,
+        help="torch intra-op threads for every module (default: each module's own, 1 except "
+             "for bench_flows, which uses all usable cores)",
     )
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help="run only these modules (e.g. bench_vmf)"
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPOSITORY))  # pyro_dgm from this checkout, without installing
     sys.path.insert(0, str(BENCHMARKS))  # their shared helpers (_timing)
-    torch.set_num_threads(arguments.threads)
+    threads = arguments.threads or 1
+    torch.set_num_threads(threads)
     print(describe_machine(arguments.device, torch.get_num_threads()))
     options = {
         "quick": arguments.quick,
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             traceback.print_exc()
             failed.append(path.name)
-        torch.set_num_threads(arguments.threads)  # a module may have changed it
+        torch.set_num_threads(threads)  # a module may have changed it
         print(f"({path.name}: {time.perf_counter() - start:.0f} s)", flush=True)
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
