@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pyro.distributions.testing.gof import auto_goodness_of_fit
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher, log_sphere_surface_area
+from pyro_dgm.distributions.von_mises_fisher import _RotateFromPole, _WoodTransform
 from pyro_dgm.infer import TraceAnalyticKL_ELBO
 from pyro_dgm.special import bessel_iv_ratio
 
@@ -262,6 +263,45 @@ def test_svi_gradients_are_unbiased(loss):
     grads = torch.stack(grads)
     exact = (c - kappa) * exact_mean_derivative(m, kappa)
     assert abs(grads.mean() - exact) < 4 * grads.std() / math.sqrt(len(grads))
+
+
+@pytest.mark.parametrize("m", [4, 11])
+def test_wood_transform_backward_matches_finite_differences(m):
+    """The hand-written derivatives in kappa of w, sqrt(1 - w^2) and the proposal's score,
+    from kappa near 0 to kappa = 500, with eps near 0, 1/2 and 1; and the values agree with
+    the formulas written out."""
+    kappa = torch.tensor([0.05, 1.0, 2.0, 30.0, 500.0, 7.0], dtype=F64)
+    proposal = torch.tensor([0.3, 1e-3, 0.5, 0.999, 0.2, 0.7], dtype=F64)
+    complement = 1 - proposal
+    w, root, score = _WoodTransform.apply(kappa, proposal, complement, m)
+    b = (m - 1) / (2 * kappa + torch.sqrt(4 * kappa**2 + (m - 1) ** 2))
+    denominator = 1 - (1 - b) * proposal
+    torch.testing.assert_close(w, 1 - 2 * b * proposal / denominator, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(root, torch.sqrt(1 - w**2), rtol=1e-9, atol=1e-12)
+    expected = kappa * w + 0.5 * (m - 1) * b.log() - (m - 1) * denominator.log()
+    torch.testing.assert_close(score, expected, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(
+        lambda k: _WoodTransform.apply(k, proposal, complement, m),
+        (kappa.clone().requires_grad_(),),
+    )
+
+
+def test_rotation_from_the_pole_matches_finite_differences_and_maps_e1_to_loc():
+    torch.manual_seed(1)
+    loc = random_unit(6, 8)
+    loc[:3, 0] = -loc[:3, 0].abs()  # both signs of mu_1
+    loc[3:, 0] = loc[3:, 0].abs()
+    w = 2 * torch.rand(8, dtype=F64) - 1
+    tangent = random_unit(5, 8)
+    z = _RotateFromPole.apply(loc, w, (1 - w**2).sqrt(), tangent)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(8, dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close((z * loc).sum(-1), w, rtol=0, atol=1e-15)  # mu^T z = w
+    pole = _RotateFromPole.apply(loc, torch.ones(8, dtype=F64), torch.zeros(8, dtype=F64),
+                                 tangent)
+    torch.testing.assert_close(pole, loc, rtol=0, atol=1e-15)
+    arguments = (loc.requires_grad_(), w.requires_grad_(),
+                 (1 - w.detach() ** 2).sqrt().requires_grad_(), tangent)
+    assert torch.autograd.gradcheck(_RotateFromPole.apply, arguments)
 
 
 def test_m3_is_fully_reparameterized():

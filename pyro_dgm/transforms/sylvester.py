@@ -103,8 +103,8 @@ def _tanh_and_slope(twice: Tensor) -> tuple[Tensor, Tensor]:
 
     One sigmoid and a few cheap elementwise operations: on the CPU torch's ``tanh`` costs 7
     times its ``sigmoid`` (168 against 23 microseconds for 1024 x 64 float32 values, one
-    thread), and the slope is taken without forming :math:`1 - \\tanh^2`. Both are within a few units of
-    rounding of the direct forms in absolute terms (their relative error for
+    thread), and the slope is taken without forming :math:`1 - \\tanh^2`. Both are within a
+    few units of rounding of the direct forms in absolute terms (their relative error for
     :math:`\\lvert t \\rvert` below the precision is that of :math:`2 s - 1`, which only
     matters relative to a sum with larger terms).
     """
