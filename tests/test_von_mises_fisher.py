@@ -273,17 +273,18 @@ def test_wood_transform_backward_matches_finite_differences(m):
     kappa = torch.tensor([0.05, 1.0, 2.0, 30.0, 500.0, 7.0], dtype=F64)
     proposal = torch.tensor([0.3, 1e-3, 0.5, 0.999, 0.2, 0.7], dtype=F64)
     complement = 1 - proposal
-    w, root, score = _WoodTransform.apply(kappa, proposal, complement, m)
     b = (m - 1) / (2 * kappa + torch.sqrt(4 * kappa**2 + (m - 1) ** 2))
+    w, root, score = _WoodTransform.apply(kappa, proposal, complement, m, b)
     denominator = 1 - (1 - b) * proposal
     torch.testing.assert_close(w, 1 - 2 * b * proposal / denominator, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(root, torch.sqrt(1 - w**2), rtol=1e-9, atol=1e-12)
     expected = kappa * w + 0.5 * (m - 1) * b.log() - (m - 1) * denominator.log()
     torch.testing.assert_close(score, expected, rtol=1e-13, atol=1e-13)
-    assert torch.autograd.gradcheck(
-        lambda k: _WoodTransform.apply(k, proposal, complement, m),
-        (kappa.clone().requires_grad_(),),
-    )
+    def transform(k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b_at_k = (m - 1) / (2 * k.detach() + torch.sqrt(4 * k.detach() ** 2 + (m - 1) ** 2))
+        return _WoodTransform.apply(k, proposal, complement, m, b_at_k)
+
+    assert torch.autograd.gradcheck(transform, (kappa.clone().requires_grad_(),))
 
 
 def test_rotation_from_the_pole_matches_finite_differences_and_maps_e1_to_loc():

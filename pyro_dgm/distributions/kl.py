@@ -31,6 +31,8 @@ def _kl_von_mises_fisher_uniform(p: VonMisesFisher, q: HypersphericalUniform) ->
     _check_same_sphere(p, q)
     log_normalized, ratio = p._bessel_terms
     kl = (p.concentration.double() * ratio - log_normalized).to(p.concentration.dtype)
+    if q.batch_shape == p.batch_shape:
+        return kl
     return kl.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 

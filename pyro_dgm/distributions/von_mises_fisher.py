@@ -107,7 +107,9 @@ class VonMisesFisher(TorchDistribution):
             raise ValueError(f"gradient must be one of {_GRADIENTS}, got {gradient!r}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
         try:
-            batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
+            batch_shape = loc.shape[:-1]
+            if concentration.shape != batch_shape:
+                batch_shape = torch.broadcast_shapes(batch_shape, concentration.shape)
         except RuntimeError:
             raise ValueError(
                 f"loc of shape {tuple(loc.shape)} (batch shape {tuple(loc.shape[:-1])}) and "
@@ -189,7 +191,7 @@ class VonMisesFisher(TorchDistribution):
             b = _envelope_b(concentration.detach(), self._dim)
             proposal, complement = _accepted_proposals(b, concentration.detach(), self._dim)
             w, sqrt_one_minus_w2, score = _WoodTransform.apply(
-                concentration, proposal, complement, self._dim
+                concentration, proposal, complement, self._dim, b
             )
         tangent = torch.randn(
             loc.shape[0], self._dim - 1, dtype=loc.dtype, device=loc.device
@@ -221,7 +223,8 @@ class VonMisesFisher(TorchDistribution):
         else:
             proposal, complement = self._recover_proposal(value)
             concentration = self.concentration.expand(proposal.shape)
-            score = _WoodTransform.apply(concentration, proposal, complement, self._dim)[2]
+            b = _envelope_b(concentration.detach(), self._dim)
+            score = _WoodTransform.apply(concentration, proposal, complement, self._dim, b)[2]
         score = score - self._bessel_terms[0].to(score.dtype)
         return ScoreParts(log_prob=log_prob, score_function=score, entropy_term=log_prob)
 
@@ -261,8 +264,9 @@ class _WoodTransform(torch.autograd.Function):
     Naesseth et al. 2017), with a hand-written backward pass.
 
     Inputs: ``concentration`` :math:`\\kappa`, the accepted ``proposal`` :math:`\\varepsilon` and
-    its ``complement`` :math:`1 - \\varepsilon` (no gradient), shape (n,), and the dimension
-    :math:`m`. With :math:`b` Wood's envelope parameter (:func:`_envelope_b`) and
+    its ``complement`` :math:`1 - \\varepsilon` (no gradient), shape (n,), the dimension
+    :math:`m`, and Wood's envelope parameter :math:`b` at :math:`\\kappa` (:func:`_envelope_b`,
+    computed once for the rejection loop; no gradient). With
     :math:`D = 1 - (1 - b) \\varepsilon`, the outputs are
 
     * :math:`w = 1 - 2 b \\varepsilon / D`,
@@ -279,10 +283,9 @@ class _WoodTransform(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, concentration: Tensor, proposal: Tensor, complement: Tensor, dim: int):
-        two_kappa = 2 * concentration
-        hypot = torch.hypot(two_kappa, torch.full_like(two_kappa, dim - 1.0))
-        b = (dim - 1) / (two_kappa + hypot)
+    def forward(
+        ctx, concentration: Tensor, proposal: Tensor, complement: Tensor, dim: int, b: Tensor
+    ):
         denominator = torch.addcmul(complement, b, proposal)  # no cancellation
         b_proposal = b * proposal
         w = 1 - 2 * b_proposal / denominator
@@ -290,20 +293,21 @@ class _WoodTransform(torch.autograd.Function):
         score = concentration * w + 0.5 * (dim - 1) * b.log() - (dim - 1) * denominator.log()
         ctx.dim = dim
         ctx.save_for_backward(
-            concentration, proposal, complement, b, denominator, hypot, w, sqrt_one_minus_w2
+            concentration, proposal, complement, b, denominator, w, sqrt_one_minus_w2
         )
         return w, sqrt_one_minus_w2, score
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_w: Tensor, grad_root: Tensor, grad_score: Tensor):
-        concentration, proposal, complement, b, denominator, hypot, w, root = ctx.saved_tensors
-        db = -2 * b / hypot
+        concentration, proposal, complement, b, denominator, w, root = ctx.saved_tensors
+        two_kappa = 2 * concentration
+        db = -2 * b / torch.hypot(two_kappa, torch.full_like(two_kappa, ctx.dim - 1.0))
         dw_db = -2 * proposal * complement / denominator.square()
         shift = 0.5 / b - proposal / denominator  # d log sqrt(b eps (1 - eps)) / D / db
         grad_b = (grad_w + grad_score * concentration) * dw_db + grad_root * root * shift
         grad_b = grad_b + grad_score * (ctx.dim - 1) * shift
-        return grad_score * w + grad_b * db, None, None, None
+        return grad_score * w + grad_b * db, None, None, None, None
 
 
 class _RotateFromPole(torch.autograd.Function):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -32,6 +33,14 @@ _FLOWS = (
     "triangular-sylvester",
 )
 _INSTANCES = itertools.count()
+
+
+def _kl_scaled(kl_scale: float | Tensor):
+    """``poutine.scale(kl_scale)`` for the latent site; no handler at all for the plain 1.0 (a
+    messenger less on the stack of every sample statement)."""
+    if isinstance(kl_scale, (int, float)) and kl_scale == 1:
+        return contextlib.nullcontext()
+    return poutine.scale(scale=kl_scale)
 
 
 class VAE(PyroModule):
@@ -297,7 +306,7 @@ class VAE(PyroModule):
             if self.prior_module is not None:
                 pyro.module(f"{self.pyro_name}.prior", self.prior_module)
         with self._data_plate(x, indices, num_data):
-            with poutine.scale(scale=kl_scale):
+            with _kl_scaled(kl_scale):
                 z = pyro.sample("z", self.prior(x.shape[0], x))
             pyro.sample(
                 "x", pyro_dist.Bernoulli(logits=self.decode(z), validate_args=False).to_event(1),
@@ -318,7 +327,7 @@ class VAE(PyroModule):
             if self.flows:
                 pyro.module(f"{self.pyro_name}.flows", self.flows)
         with self._data_plate(x, indices, num_data):
-            with poutine.scale(scale=kl_scale):
+            with _kl_scaled(kl_scale):
                 pyro.sample("z", self.posterior(x))
 
     @torch.no_grad()
