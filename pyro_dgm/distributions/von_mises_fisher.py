@@ -389,6 +389,8 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
             chosen = pair.gather(-1, first.expand(2, -1, -1)).squeeze(-1)
             done = accepted.any(-1)
         if pending is None:  # first round: every element, no indexing needed
+            if bool(done.all()):  # the usual case: a single round, no bookkeeping
+                return chosen[0], chosen[1]
             accepted_pair = chosen
             pending = torch.arange(count, device=b.device)
         else:
