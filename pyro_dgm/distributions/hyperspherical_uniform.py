@@ -62,9 +62,11 @@ class HypersphericalUniform(TorchDistribution):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2 (the ambient dimension), got {dim!r}")
         self.dim = dim
-        # A 0-dim tensor that carries dtype and device, as distribution parameters would.
-        self._log_normalizer = torch.tensor(
-            -log_sphere_surface_area(dim), dtype=dtype or torch.get_default_dtype(), device=device
+        # A 0-dim tensor that carries dtype and device, as distribution parameters would; filled
+        # on the device (torch.full), not copied from the host, as it is built every step.
+        self._log_normalizer = torch.full(
+            (), -log_sphere_surface_area(dim), dtype=dtype or torch.get_default_dtype(),
+            device=device,
         )
         super().__init__(torch.Size(batch_shape), torch.Size([dim]), validate_args=validate_args)
 

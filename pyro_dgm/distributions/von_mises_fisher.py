@@ -221,26 +221,29 @@ class VonMisesFisher(TorchDistribution):
         if self._sample_cache is not None and self._sample_cache[0] is value:
             score = self._sample_cache[1]
         else:
-            proposal, complement = self._recover_proposal(value)
+            proposal, complement, b = self._recover_proposal(value)
             concentration = self.concentration.expand(proposal.shape)
-            b = _envelope_b(concentration.detach(), self._dim)
-            score = _WoodTransform.apply(concentration, proposal, complement, self._dim, b)[2]
+            score = _WoodTransform.apply(
+                concentration, proposal, complement, self._dim, b.expand(proposal.shape)
+            )[2]
         score = score - self._bessel_terms[0].to(score.dtype)
         return ScoreParts(log_prob=log_prob, score_function=score, entropy_term=log_prob)
 
     @torch.no_grad()
-    def _recover_proposal(self, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Invert w = h(eps, kappa) for the proposal that would have produced ``value``."""
+    def _recover_proposal(self, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Invert w = h(eps, kappa) for the proposal that would have produced ``value``:
+        (eps, 1 - eps, b), b of the batch shape."""
         w = (self.loc * value).sum(-1).clamp(-1, 1)
         b = _envelope_b(self.concentration, self._dim)
         denominator = (1 + b) - (1 - b) * w
-        return (1 - w) / denominator, b * (1 + w) / denominator
+        return (1 - w) / denominator, b * (1 + w) / denominator, b
 
 
 def _envelope_b(concentration: Tensor, dim: int) -> Tensor:
     """Wood's b = (m - 1) / (2 kappa + sqrt(4 kappa^2 + (m - 1)^2)), free of cancellation."""
     two_kappa = 2 * concentration
-    return (dim - 1) / (two_kappa + torch.hypot(two_kappa, two_kappa.new_tensor(dim - 1.0)))
+    # full_like fills on the device: no host-to-device copy of the constant in a training step
+    return (dim - 1) / (two_kappa + torch.hypot(two_kappa, torch.full_like(two_kappa, dim - 1)))
 
 
 def _sample_w_by_inversion(concentration: Tensor) -> tuple[Tensor, Tensor]:

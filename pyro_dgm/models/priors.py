@@ -370,14 +370,15 @@ class _AffineAutoregressive(AffineAutoregressive):
 
     def _inverse(self, y: Tensor) -> Tensor:
         x = torch.zeros_like(y)
-        for index in self.arn.permutation.tolist():
+        permutation = self.arn.permutation.to(y.device)
+        for position, index in enumerate(permutation.tolist()):
             mean, log_scale = self.arn(x)
             log_scale = clamp_preserve_gradients(
                 log_scale, self.log_scale_min_clip, self.log_scale_max_clip
             )
             column = (y[..., index] - mean[..., index]) * torch.exp(-log_scale[..., index])
             # out of place: x is an input of the networks' graph
-            x = x.index_copy(-1, torch.tensor([index], device=y.device), column.unsqueeze(-1))
+            x = x.index_copy(-1, permutation[position : position + 1], column.unsqueeze(-1))
         # The last pass saw every input but the last in the order, on which no output depends:
         # its log-scales are those at x.
         self._cached_log_scale = log_scale

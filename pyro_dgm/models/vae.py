@@ -278,7 +278,9 @@ class VAE(PyroModule):
         elif self.latent == "vmf":
             prior = HypersphericalUniform(self.event_dim, dtype=like.dtype, device=like.device)
         else:
-            prior = pyro_dist.Normal(like.new_zeros(()), 1.0).expand([self.event_dim]).to_event(1)
+            # both parameters tensors: a Python 1.0 would be copied to the device every step
+            prior = pyro_dist.Normal(like.new_zeros(()), like.new_ones(()))
+            prior = prior.expand([self.event_dim]).to_event(1)
         return prior if batch_size is None else prior.expand([batch_size])
 
     def decode(self, z: Tensor) -> Tensor:
