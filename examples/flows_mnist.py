@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pyro_dgm.data import BINARIZED_MNIST_SPLITS, MinibatchLoader, load_binarized_mnist
 from pyro_dgm.infer import (
@@ -212,10 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         vae.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
     vae.eval()
     started = time.perf_counter()
-    batches = functools.partial(tqdm, desc="test log-likelihood", leave=False,
-                                disable=args.no_progress)
     result = evaluate_dataset(vae.model, vae.guide, test_images, batch_size=100,
-                              num_samples=args.num_samples, progress=batches)
+                              num_samples=args.num_samples, progress=not args.no_progress,
+                              description="test log-likelihood")
     print(f"\nTest set ({len(test_images):,} images; model of epoch {best_epoch}, the best "
           f"validation ELBO; NLL with {args.num_samples} importance samples, "
           f"{time.perf_counter() - started:.0f} s), nats:")

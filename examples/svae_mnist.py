@@ -23,7 +23,6 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from tqdm.auto import tqdm
 
 from pyro_dgm.data import MinibatchLoader, binarize_fixed, load_mnist_or_fallback
 from pyro_dgm.infer import (
@@ -161,10 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     vae.eval()
     started = time.perf_counter()
-    batches = functools.partial(tqdm, desc="test log-likelihood", leave=False,
-                                disable=args.no_progress)
     result = evaluate_dataset(vae.model, vae.guide, test_images, batch_size=100,
-                              num_samples=args.num_samples, progress=batches)
+                              num_samples=args.num_samples, progress=not args.no_progress,
+                              description="test log-likelihood")
     iwae_bound = None
     if args.objective == "iwae":  # the training bound itself, on the test set
         iwae = ImportanceWeightedELBO(args.num_particles)

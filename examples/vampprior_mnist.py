@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from pyro_dgm.data import MinibatchLoader, binarize_fixed, load_mnist_or_fallback
 from pyro_dgm.infer import (
@@ -188,10 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         vae.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
     vae.eval()
     started = time.perf_counter()
-    batches = functools.partial(tqdm, desc="test log-likelihood", leave=False,
-                                disable=args.no_progress)
     result = evaluate_dataset(vae.model, vae.guide, test_images, batch_size=100,
-                              num_samples=args.num_samples, progress=batches)
+                              num_samples=args.num_samples, progress=not args.no_progress,
+                              description="test log-likelihood")
     latents = vae.latent_diagnostics(test_images, num_points=args.surgery_points,
                                      seed=args.seed)
     print(f"\nTest set ({len(test_images):,} images, LL with {args.num_samples} importance "

@@ -14,6 +14,7 @@ import torch
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
 
 from pyro_dgm.infer._sites import (
     guess_max_plate_nesting,
@@ -239,18 +240,20 @@ def evaluate_dataset(
     num_particles: int = 10,
     chunk_size: int = 100,
     data_plate: str = "data",
-    progress: Callable | None = None,
+    progress: bool = False,
+    description: str = "evaluate",
 ) -> DatasetEvaluation:
     """:func:`importance_log_likelihood` and :func:`elbo_terms` averaged over ``data``.
 
     :param data: tensor of shape ``(N, ...)``; the model and guide are called on slices
         ``data[i : i + batch_size]``.
-    :param progress: optional wrapper for the batch iterator (e.g. ``tqdm``).
+    :param progress: show a tqdm progress bar over the batches, labelled ``description``
+        (removed when done).
     :returns: :class:`DatasetEvaluation`.
     """
     totals = {"ll": 0.0, "ll_var": 0.0, "elbo": 0.0, "re": 0.0, "kl": 0.0, "ess": 0.0}
     starts = range(0, data.shape[0], batch_size)
-    for start in progress(starts) if progress else starts:
+    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
         batch = data[start : start + batch_size]
         estimate = importance_log_likelihood(model, guide, batch, num_samples=num_samples,
                                              chunk_size=chunk_size, data_plate=data_plate)
