@@ -43,6 +43,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions.transforms as pyro_transforms
 import torch
+from _timing import synchronize
 from torch import Tensor, nn
 
 from pyro_dgm.data import MinibatchLoader, load_binarized_mnist
@@ -136,12 +137,11 @@ def _rows() -> dict[str, tuple[_Stack, str | None]]:
 
 
 def _seconds_per_step(stack: _Stack, x: Tensor, context: Tensor, steps: int) -> float:
-    synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    synchronize()
+    synchronize(x.device)
     start = time.perf_counter()
     for _ in range(steps):
         stack.step(x, context)
-    synchronize()
+    synchronize(x.device)
     return (time.perf_counter() - start) / steps
 
 
@@ -218,15 +218,14 @@ def benchmark_vae_epochs(device: torch.device, quick: bool) -> None:
         trainers[kind] = functools.partial(train_epoch, loss, optimizer, progress=False,
                                            loss_scale=num_data, num_data=num_data)
         trainers[kind](itertools.islice(loader, VAE_WARMUP_STEPS))
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds: dict[str, list[float]] = {kind: [] for kind in VAE_FLOWS}
     losses: dict[str, float] = {}
     for _ in range(rounds):
         for kind, train in trainers.items():
-            synchronize()
+            synchronize(device)
             start = time.perf_counter()
             losses[kind] = train(itertools.islice(loader, steps))
-            synchronize()
+            synchronize(device)
             seconds[kind].append((time.perf_counter() - start) * steps_per_epoch / steps)
     epoch = {kind: statistics.median(values) for kind, values in seconds.items()}
     header = f"{'flow':<24} {'s/epoch':>8} {'ms/step':>8} {'vs none':>8} {'loss':>7}"

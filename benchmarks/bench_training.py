@@ -40,6 +40,7 @@ import pyro
 import pyro.optim
 import torch
 import torch.nn.functional as F
+from _timing import synchronize
 from pyro.infer import SVI
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
@@ -176,17 +177,12 @@ def make_rows(num_data: int, device: torch.device) -> list[Row]:
 # Timing ------------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(row: Row, batches: Batches, device: torch.device) -> tuple[float, float]:
     """(seconds, mean loss per batch) of training ``row`` on ``batches``."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     loss = row.train(batches)
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start, loss
 
 

@@ -37,6 +37,7 @@ import scipy.special
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from _timing import synchronize
 from power_spherical import PowerSpherical
 from torch import Tensor
 from torch.distributions import kl_divergence
@@ -56,16 +57,12 @@ QUICK_ROUNDS, QUICK_BLOCK_SECONDS = 3, 0.03
 # Timing ------------------------------------------------------------------------------------
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def _seconds_per_call(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
-    sync()
+def _seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    sync()
+    synchronize(device)
     return (time.perf_counter() - start) / calls
 
 
@@ -79,16 +76,15 @@ def median_ms(
 
     Each candidate is warmed up, then timed in blocks of about ``block_seconds``.
     """
-    sync = _synchronizer(device)
     calls = {}
     for name, fn in candidates.items():
         fn()  # warm-up: allocator, lazy initialisation, caches
-        one_call = statistics.median(_seconds_per_call(fn, 1, sync) for _ in range(3))
+        one_call = statistics.median(_seconds_per_call(fn, 1, device) for _ in range(3))
         calls[name] = max(1, round(block_seconds / max(one_call, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            times[name].append(_seconds_per_call(fn, calls[name], sync))
+            times[name].append(_seconds_per_call(fn, calls[name], device))
     return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
