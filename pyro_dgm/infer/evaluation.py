@@ -198,9 +198,9 @@ def dataset_elbo(
     """The ELBO per data point averaged over ``data`` (shape ``(N, ...)``), one sample each,
     nats: :func:`elbo_terms` over slices of ``batch_size``, summed in float64. Cheap enough for
     a validation score every epoch."""
-    total = sum(float(elbo_terms(model, guide, batch, data_plate=data_plate).elbo.double().sum())
-                for batch in data.split(batch_size))
-    return total / data.shape[0]
+    total = sum(elbo_terms(model, guide, batch, data_plate=data_plate).elbo.double().sum()
+                for batch in data.split(batch_size))  # on the device: one read at the end
+    return float(total) / data.shape[0]
 
 
 @dataclass
