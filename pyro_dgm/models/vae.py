@@ -343,7 +343,6 @@ class VAE(PyroModule):
         """Bernoulli means of :math:`p(x \\mid z)` for ``num_samples`` draws of the prior."""
         return torch.sigmoid(self.decode(self.prior(num_samples, like).sample()))
 
-
     @torch.no_grad()
     def latent_diagnostics(
         self, data: Tensor, *, num_points: int | None = 1000, threshold: float = 0.01,
