@@ -17,7 +17,11 @@ Numerical regime (all arithmetic in float64, results cast back to the input's dt
   far below float32's rounding), followed by ``N`` steps of the recurrence
   :math:`r_{n-1} = 1 / (2 n / x + r_n)` for :math:`r_n = I_{n+1}(x) / I_n(x)`, which is stable
   downwards [2]. The starting ratio :math:`r_u` comes from Debye's expansion of
-  :math:`I_u'` [1, 10.41.4] at the same order, written so that nothing cancels.
+  :math:`I_u'` [1, 10.41.4] at the same order, written so that nothing cancels. For one order
+  shared by all ``x`` (a Python number, as in the von Mises-Fisher distribution) both the
+  expansions and the ``N`` recurrence steps, a product of 2 x 2 matrices whose entries are
+  polynomials in :math:`1/x` with positive coefficients, are polynomials with coefficients
+  computed once on the host: one GEMM evaluates them all, about 40 operations in all.
 
 References:
 
@@ -28,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 from functools import cache
@@ -150,6 +155,88 @@ def _debye_log_iv_and_ratio(
     return log_iv, ratio
 
 
+@functools.lru_cache(maxsize=256)
+def _scalar_order_polynomials(
+    v: float, shift: int, terms: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """For one order v: the constant terms (6,) and the coefficient matrix (2 L, 6), float64
+    on ``device``, of six polynomials, in p (rows 0 .. L-1: powers 1 .. L) and in y (rows
+    L .. 2 L - 1), that :func:`_debye_and_recurrence` evaluates with one GEMM:
+
+    * S_U(p) = sum_k U_k(p) / u^k and S_W(p) = sum_k W_k(p) / u^k at u = v + shift, Debye's
+      sums of :func:`_debye_log_iv_and_ratio`, whose k-th terms hold the powers p^k to
+      p^(3 k);
+    * the four entries of P(y) = M_{v+1} M_{v+2} ... M_{v+shift}, M_n = [[2 n y, 1], [1, 0]],
+      the product of the recurrence steps (f_{n-1}, f_n) = M_n (f_n, f_{n+1}) taken in
+      :func:`_log_iv_parts`, as polynomials of degree <= shift in y = 1 / x. Their
+      coefficients are positive, so their values are free of cancellation.
+    """
+    u = v + shift
+    length = max(3 * (terms - 1), shift)
+    sum_u, sum_w = [0.0] * (length + 1), [0.0] * (length + 1)
+    polynomials = _debye_polynomials(terms)
+    for k, polynomial in enumerate(polynomials):
+        weight = u**-k
+        for power, coefficient in enumerate(polynomial):
+            sum_u[power] += float(coefficient) * weight
+        if k > 0:  # W_k = -sum_j (j + 1/2) c_j p^(j + 1), c_j the coefficients of U_{k-1}
+            for power, coefficient in enumerate(polynomials[k - 1]):
+                sum_w[power + 1] -= (power + 0.5) * float(coefficient) * weight
+    # P = I M_{v+1} ... M_{v+shift}: right-multiplying [[a, b], [c, d]] by M_n gives
+    # [[2 n y a + b, a], [2 n y c + d, c]]
+    entries = [[1.0], [0.0], [0.0], [1.0]]
+    for n in range(1, shift + 1):
+        scale = 2 * (v + n)
+        a, b, c, d = entries
+        entries = [_times_y_plus(a, scale, b), a, _times_y_plus(c, scale, d), c]
+    columns = [sum_u, sum_w] + [e + [0.0] * (length + 1 - len(e)) for e in entries]
+    table = torch.tensor(columns, dtype=torch.float64).T  # (length + 1, 6)
+    matrix = torch.zeros(2 * length, 6, dtype=torch.float64)
+    matrix[:length, :2] = table[1:, :2]
+    matrix[length:, 2:] = table[1:, 2:]
+    return table[0].to(device), matrix.to(device)
+
+
+def _times_y_plus(polynomial: list[float], scale: float, other: list[float]) -> list[float]:
+    """Coefficients of scale * y * polynomial(y) + other(y)."""
+    result = [0.0] + [scale * c for c in polynomial]
+    for power, coefficient in enumerate(other):
+        result[power] += coefficient
+    return result
+
+
+def _debye_and_recurrence(v: float, x: Tensor, shift: int, terms: int) -> tuple[Tensor, Tensor]:
+    """log I_v(x) and I_{v+1}(x) / I_v(x) for one order v (a Python number) and x > 0 in
+    float64 outside the series region: Debye's expansions at u = v + shift, as in
+    :func:`_debye_log_iv_and_ratio`, carried down to v by the recurrence in matrix form,
+
+        (f_v, f_{v+1}) = P(1 / x) (1, I_{u+1} / I_u),   f = I / I_u,
+
+    with every polynomial of :func:`_scalar_order_polynomials` evaluated by one GEMM of a
+    table of powers: about 30 operations whatever ``shift`` and ``terms``, where the
+    element-wise recurrence takes ``shift`` steps.
+    """
+    u = v + shift
+    constants, matrix = _scalar_order_polynomials(v, shift, terms, x.device)
+    length = matrix.shape[0] // 2
+    flat = x.reshape(-1)
+    hypot = flat.square().add_(u * u).sqrt_()
+    p = hypot.reciprocal().mul_(u)
+    powers = torch.stack([p, flat.reciprocal()], -1).unsqueeze(-1)
+    powers = powers.expand(-1, 2, length).cumprod(-1)  # p^k and y^k, k = 1 .. L
+    sum_u, sum_w, *entries = torch.addmm(constants, powers.reshape(-1, 2 * length), matrix).T
+    inverse = (hypot + u).reciprocal()
+    ratio_u = flat * (sum_w / (hypot * sum_u) + inverse)  # I_{u+1} / I_u, nothing cancels
+    current = torch.addcmul(entries[0], entries[1], ratio_u)  # f_v
+    following = torch.addcmul(entries[2], entries[3], ratio_u)  # f_{v+1}
+    # log I_u = h + u log(x / (u + h)) - log(2 pi h) / 2 + log S_U, and log I_v = log I_u
+    # + log f_v; f_v stays below ~1e70 for v <= 5000 in the Debye region
+    log_iv = torch.add(hypot, (flat * inverse).log_(), alpha=u)
+    log_iv += (sum_u * current * hypot.rsqrt()).log_()
+    log_iv -= _HALF_LOG_2PI
+    return log_iv.view(x.shape), (following / current).view(x.shape)
+
+
 def _series_log_normalized_and_ratio(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
     """log 0F1(; v + 1; x^2 / 4) and I_{v+1}(x) / I_v(x) by the power series.
 
@@ -165,6 +252,22 @@ def _series_log_normalized_and_ratio(v: Tensor | float, x: Tensor) -> tuple[Tens
             inner = torch.addcmul(one, inner, y / ((b + (k - 1)) * k))
         tails.append(inner * y / b)
     return torch.log1p(tails[0]), 0.5 * x * (1 + tails[1]) / ((1 + tails[0]) * (v + 1))
+
+
+def _debye_and_recurrence_per_element(
+    v: Tensor, x: Tensor, shift: int, terms: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_debye_and_recurrence` for orders ``v`` given per element (broadcast with ``x``):
+    Debye's expansions at u = v + shift, then ``shift`` steps down the recurrence
+    I_{n-1} = (2 n / x) I_n + I_{n+1} on unnormalized values f, from (f_u, f_{u+1}) =
+    (1, I_{u+1} / I_u): then f_v = I_v / I_u and r_v = f_{v+1} / f_v, stable downwards [2].
+    In the Debye region f stays below ~1e70 for v <= 5000."""
+    log_iv_shifted, ratio = _debye_log_iv_and_ratio(v + shift, x, terms)
+    two_over_x = 2 / x
+    current, following = torch.ones_like(ratio), ratio
+    for step in range(shift, 0, -1):  # n = v + step
+        current, following = following + two_over_x * (v + step) * current, current
+    return log_iv_shifted + current.log(), following / current
 
 
 def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,12 +286,11 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
     else:
         log_gamma, series_limit = math.lgamma(v + 1), math.sqrt(_SERIES_REGION * (v + 1))
     in_series = x <= series_limit
-    log_half_x = torch.log(0.5 * x)
-    leading = _times_log(v, log_half_x) - log_gamma  # log of (x / 2)^v / Gamma(v + 1)
+    leading = _times_log(v, torch.log(0.5 * x)) - log_gamma  # log of (x / 2)^v / Gamma(v + 1)
     # On the CPU, asking which regions occur costs no device synchronisation: skip the other.
     on_host = x.device.type == "cpu"
     need_series = not on_host or bool(in_series.any())
-    need_debye = not on_host or not bool(in_series.all())
+    need_debye = not on_host or not need_series or not bool(in_series.all())
 
     if need_series:
         series_normalized, series_ratio = _series_log_normalized_and_ratio(
@@ -200,26 +302,12 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
     # Debye at the shifted order, then down the recurrence; x kept out of the series region,
     # where the ratios would underflow and the result is discarded anyway.
-    x_debye = torch.clamp(x, min=series_limit) if not torch.is_tensor(v) else torch.maximum(
-        x, series_limit
-    )
-    log_iv_shifted, ratio = _debye_log_iv_and_ratio(v + shift, x_debye, terms)
-    # Down the recurrence I_{n-1} = (2 n / x) I_n + I_{n+1} on unnormalized values f, with
-    # (f_u, f_{u+1}) = (1, I_{u+1} / I_u): then f_v = I_v / I_u and r_v = f_{v+1} / f_v. In the
-    # Debye region f stays below ~1e70 for v <= 5000. One fused operation per step.
-    two_over_x = 2 / x_debye
-    current, following = torch.ones_like(ratio), ratio
-    for step in range(shift, 0, -1):  # n = v + step
-        order = v + step
-        if torch.is_tensor(order):
-            current, following = following + two_over_x * order * current, current
-        else:
-            current, following = (
-                torch.addcmul(following, two_over_x, current, value=order),
-                current,
-            )
-    ratio = following / current
-    log_iv = log_iv_shifted + current.log()
+    if torch.is_tensor(v):
+        log_iv, ratio = _debye_and_recurrence_per_element(
+            v, torch.maximum(x, series_limit), shift, terms
+        )
+    else:
+        log_iv, ratio = _debye_and_recurrence(v, torch.clamp(x, min=series_limit), shift, terms)
     if not need_series:
         return log_iv, log_iv - leading, ratio
 

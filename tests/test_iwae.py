@@ -297,7 +297,8 @@ def test_value_equals_quadrature_for_the_rejection_sampler():
     torch.manual_seed(8)
     bounds = ImportanceWeightedELBO(2).bound(model, guide, x, concentration)
     exact = _vmf_iwae_bound_k2(5.0, m, c)
-    assert abs(float(bounds.mean()) - exact) < 4 * float(bounds.std()) / 200
+    # at kappa = c the guide is the posterior: the bound has no variance, only rounding error
+    assert abs(float(bounds.mean()) - exact) < 4 * float(bounds.std()) / 200 + 1e-12
 
 
 def test_svi_trains_a_vae_with_every_latent_family():

@@ -12,6 +12,35 @@ from pyro_dgm.distributions.von_mises_fisher import VonMisesFisher
 __all__: list[str] = []
 
 
+class _KLToUniform(torch.autograd.Function):
+    """KL(vMF(mu, kappa) || U(S^{m-1})) = kappa A - log 0F1 from kappa (any dtype) and the
+    float64 ``log_normalized`` = log 0F1(; m/2; kappa^2/4) and ``ratio`` = A_m(kappa), returned
+    in kappa's dtype, with the hand-written derivative, in float64,
+
+        d KL / d kappa = A + kappa A' - A = kappa (1 - A^2) - (m - 1) A
+
+    (A' = 1 - A^2 - (m - 1) A / kappa), which is 0 at kappa = 0 and divides by nothing: one
+    node where autograd's graph of the formula and of the Bessel function took six. The Bessel
+    terms get no gradient from here (their derivatives are in the formula). Not itself
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, concentration: Tensor, log_normalized: Tensor, ratio: Tensor, dim: int):
+        kappa = concentration.double()
+        ctx.dim = dim
+        ctx.save_for_backward(kappa, ratio)
+        return (kappa * ratio - log_normalized).to(concentration.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        kappa, ratio = ctx.saved_tensors
+        slope = torch.addcmul(kappa, kappa * ratio, ratio, value=-1)
+        slope.sub_(ratio, alpha=ctx.dim - 1)
+        return (grad * slope).to(grad.dtype), None, None, None
+
+
 def _check_same_sphere(p, q) -> None:
     if p.event_shape != q.event_shape:
         raise ValueError(
@@ -26,11 +55,12 @@ def _kl_von_mises_fisher_uniform(p: VonMisesFisher, q: HypersphericalUniform) ->
 
     Davidson et al. (2018), with log C_m written through the normalized Bessel function:
     exactly 0 at kappa = 0 and smooth there. Computed in float64 so that the two terms, each
-    about kappa, do not cancel catastrophically for large kappa in float32.
+    about kappa, do not cancel catastrophically for large kappa in float32 (see
+    :class:`_KLToUniform`).
     """
     _check_same_sphere(p, q)
     log_normalized, ratio = p._bessel_terms
-    kl = (p.concentration.double() * ratio - log_normalized).to(p.concentration.dtype)
+    kl = _KLToUniform.apply(p.concentration, log_normalized, ratio, p.event_shape[0])
     if q.batch_shape == p.batch_shape:
         return kl
     return kl.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
