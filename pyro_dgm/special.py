@@ -84,6 +84,12 @@ def _debye_polynomials(count: int) -> list[list[Fraction]]:
     return polynomials
 
 
+def _debye_w_polynomial(previous: list[Fraction]) -> list[Fraction]:
+    """Coefficients (in powers of p) of W_k = -sum_j (j + 1/2) c_j p^(j + 1), the c_j being
+    those of U_{k-1} (see :func:`_debye_matrix`)."""
+    return [Fraction(0)] + [-(j + Fraction(1, 2)) * c for j, c in enumerate(previous)]
+
+
 @cache
 def _debye_matrix(device: torch.device, terms: int) -> Tensor:
     """(K, 2K) float64 matrix [A | B] for K = ``terms``, cached per device, with
@@ -101,10 +107,8 @@ def _debye_matrix(device: torch.device, terms: int) -> Tensor:
         matrix[: k + 1, k] = torch.tensor(
             [float(c) for c in polynomial[k::2]], dtype=torch.float64
         )
-        if k > 0:  # W_k = -sum_j (j + 1/2) c_j p^(j + 1), c_j the coefficients of U_{k-1}
-            w = [Fraction(0)] * (len(polynomials[k - 1]) + 1)
-            for j, c in enumerate(polynomials[k - 1]):
-                w[j + 1] = -(j + Fraction(1, 2)) * c
+        if k > 0:
+            w = _debye_w_polynomial(polynomials[k - 1])
             assert all(c == 0 for j, c in enumerate(w) if j < k or (j - k) % 2)
             matrix[: len(w[k::2]), terms + k] = torch.tensor(
                 [float(c) for c in w[k::2]], dtype=torch.float64
@@ -179,9 +183,9 @@ def _scalar_order_polynomials(
         weight = u**-k
         for power, coefficient in enumerate(polynomial):
             sum_u[power] += float(coefficient) * weight
-        if k > 0:  # W_k = -sum_j (j + 1/2) c_j p^(j + 1), c_j the coefficients of U_{k-1}
-            for power, coefficient in enumerate(polynomials[k - 1]):
-                sum_w[power + 1] -= (power + 0.5) * float(coefficient) * weight
+        if k > 0:
+            for power, coefficient in enumerate(_debye_w_polynomial(polynomials[k - 1])):
+                sum_w[power] += float(coefficient) * weight
     # P = I M_{v+1} ... M_{v+shift}: right-multiplying [[a, b], [c, d]] by M_n gives
     # [[2 n y a + b, a], [2 n y c + d, c]]
     entries = [[1.0], [0.0], [0.0], [1.0]]
@@ -213,8 +217,8 @@ def _debye_and_recurrence(v: float, x: Tensor, shift: int, terms: int) -> tuple[
         (f_v, f_{v+1}) = P(1 / x) (1, I_{u+1} / I_u),   f = I / I_u,
 
     with every polynomial of :func:`_scalar_order_polynomials` evaluated by one GEMM of a
-    table of powers: about 30 operations whatever ``shift`` and ``terms``, where the
-    element-wise recurrence takes ``shift`` steps.
+    table of powers: about 30 operations (about 40 with the rest of _log_iv_parts) whatever
+    ``shift`` and ``terms``, where the element-wise recurrence takes ``shift`` steps.
     """
     u = v + shift
     constants, matrix = _scalar_order_polynomials(v, shift, terms, x.device)
@@ -224,7 +228,8 @@ def _debye_and_recurrence(v: float, x: Tensor, shift: int, terms: int) -> tuple[
     p = hypot.reciprocal().mul_(u)
     powers = torch.stack([p, flat.reciprocal()], -1).unsqueeze(-1)
     powers = powers.expand(-1, 2, length).cumprod(-1)  # p^k and y^k, k = 1 .. L
-    sum_u, sum_w, *entries = torch.addmm(constants, powers.reshape(-1, 2 * length), matrix).T
+    polynomials = torch.addmm(constants, powers.reshape(-1, 2 * length), matrix)
+    sum_u, sum_w, *entries = polynomials.unbind(-1)
     inverse = (hypot + u).reciprocal()
     ratio_u = flat * (sum_w / (hypot * sum_u) + inverse)  # I_{u+1} / I_u, nothing cancels
     current = torch.addcmul(entries[0], entries[1], ratio_u)  # f_v

@@ -380,7 +380,7 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     offset = (dim - 1) * (torch.log1p(b) - math.log(2))
     # Small batches cost about the same per round whatever the proposal count, so ask for
     # about 512 proposals in the first round: usually the only one. Wood's acceptance rate
-    # measured at least 0.68 (m from 4 to 65, kappa up to 1000, where it levels off), so with 8
+    # measured at least 0.68 (m from 4 to 65, kappa up to 1e5; it levels off by 1000), so with 8
     # proposals each (a batch of 64) one round suffices with probability 1 - 64 * 0.32^8 > 0.99.
     per_element = max(1, min(16, 512 // max(count, 1)))
     accepted_pair = pending = None  # (2, count): eps and 1 - eps
