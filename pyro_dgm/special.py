@@ -45,6 +45,7 @@ __all__ = [
     "log_bessel_iv",
     "log_bessel_iv_normalized",
     "log_bessel_iv_normalized_and_ratio",
+    "log_bessel_iv_normalized_and_ratio_values",
 ]
 
 # Order shift before the Debye expansion, and its number of terms: with u >= 24 and 9 terms
@@ -209,16 +210,28 @@ def _times_y_plus(polynomial: list[float], scale: float, other: list[float]) -> 
     return result
 
 
-def _debye_and_recurrence(v: float, x: Tensor, shift: int, terms: int) -> tuple[Tensor, Tensor]:
-    """log I_v(x) and I_{v+1}(x) / I_v(x) for one order v (a Python number) and x > 0 in
-    float64 outside the series region: Debye's expansions at u = v + shift, as in
+def _debye_and_recurrence(
+    v: float, x: Tensor, shift: int, terms: int, with_log_iv: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """log I_v(x) (None unless ``with_log_iv``), log 0F1(; v + 1; x^2 / 4) and
+    I_{v+1}(x) / I_v(x) for one order v (a Python number) and x > 0 in float64 outside the
+    series region: Debye's expansions at u = v + shift, as in
     :func:`_debye_log_iv_and_ratio`, carried down to v by the recurrence in matrix form,
 
         (f_v, f_{v+1}) = P(1 / x) (1, I_{u+1} / I_u),   f = I / I_u,
 
     with every polynomial of :func:`_scalar_order_polynomials` evaluated by one GEMM of a
-    table of powers: about 30 operations (about 40 with the rest of _log_iv_parts) whatever
-    ``shift`` and ``terms``, where the element-wise recurrence takes ``shift`` steps.
+    table of powers: about 30 operations whatever ``shift`` and ``terms``, where the
+    element-wise recurrence takes ``shift`` steps. The normalized logarithm is assembled
+    directly, without forming log I_v and subtracting the leading term:
+
+        log 0F1 = h - u log(u + h) + log(S_U f_v x^shift / sqrt(h)) + C,
+        C = v log 2 + log Gamma(v + 1) - log(2 pi) / 2,
+
+    from log I_u = h + u log(x / (u + h)) - log(2 pi h) / 2 + log S_U and u - v = shift, with
+    x^shift = 1 / y^shift taken from the table of powers of y = 1 / x. log I_v, when asked
+    for, is assembled directly too (five operations more; adding the leading term to log 0F1
+    would cost three, but loses a digit to cancellation for large orders).
     """
     u = v + shift
     constants, matrix = _scalar_order_polynomials(v, shift, terms, x.device)
@@ -228,18 +241,26 @@ def _debye_and_recurrence(v: float, x: Tensor, shift: int, terms: int) -> tuple[
     p = hypot.reciprocal().mul_(u)
     powers = torch.stack([p, flat.reciprocal()], -1).unsqueeze(-1)
     powers = powers.expand(-1, 2, length).cumprod(-1)  # p^k and y^k, k = 1 .. L
-    polynomials = torch.addmm(constants, powers.reshape(-1, 2 * length), matrix)
+    polynomials = torch.addmm(constants, powers.view(-1, 2 * length), matrix)
     sum_u, sum_w, *entries = polynomials.unbind(-1)
-    inverse = (hypot + u).reciprocal()
-    ratio_u = flat * (sum_w / (hypot * sum_u) + inverse)  # I_{u+1} / I_u, nothing cancels
+    u_plus_h = hypot + u
+    # I_{u+1} / I_u, nothing cancels
+    ratio_u = flat * (sum_w / (hypot * sum_u) + u_plus_h.reciprocal())
     current = torch.addcmul(entries[0], entries[1], ratio_u)  # f_v
     following = torch.addcmul(entries[2], entries[3], ratio_u)  # f_{v+1}
-    # log I_u = h + u log(x / (u + h)) - log(2 pi h) / 2 + log S_U, and log I_v = log I_u
-    # + log f_v; f_v stays below ~1e70 for v <= 5000 in the Debye region
-    log_iv = torch.add(hypot, (flat * inverse).log_(), alpha=u)
-    log_iv += (sum_u * current * hypot.rsqrt()).log_()
-    log_iv -= _HALF_LOG_2PI
-    return log_iv.view(x.shape), (following / current).view(x.shape)
+    # S_U f_v x^shift / sqrt(h): f_v stays below ~1e70 for v <= 5000 in the Debye region and
+    # x^shift within 1e6^24, so nothing overflows
+    root_h = hypot.sqrt()
+    log_iv = None
+    if with_log_iv:  # h + u log(x / (u + h)) + log(S_U f_v / sqrt(h)) - log(2 pi) / 2
+        log_iv = torch.add(hypot, (flat / u_plus_h).log_(), alpha=u)
+        log_iv += (sum_u * current / root_h).log_()
+        log_iv = log_iv.sub_(_HALF_LOG_2PI).view(x.shape)
+    scaled = (sum_u * current).div_(powers[:, 1, shift - 1] * root_h)
+    log_normalized = torch.add(hypot, u_plus_h.log_(), alpha=-u)
+    log_normalized += scaled.log_()
+    log_normalized += v * math.log(2) + math.lgamma(v + 1) - _HALF_LOG_2PI
+    return log_iv, log_normalized.view(x.shape), (following / current).view(x.shape)
 
 
 def _series_log_normalized_and_ratio(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,8 +296,12 @@ def _debye_and_recurrence_per_element(
     return log_iv_shifted + current.log(), following / current
 
 
-def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(log I_v(x), log 0F1(; v + 1; x^2 / 4), I_{v+1}(x) / I_v(x)) in float64, broadcast.
+def _log_iv_parts(
+    v: Tensor | float, x: Tensor, *, with_log_iv: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(log I_v(x), log 0F1(; v + 1; x^2 / 4), I_{v+1}(x) / I_v(x)) in float64, broadcast; the
+    first is None with ``with_log_iv=False`` (for one order, :func:`_debye_and_recurrence`
+    gives the normalized logarithm directly, and log I_v costs five operations more).
 
     ``v`` may be a Python number (the common case of one order for all x, much cheaper: its
     functions are then evaluated on the host) or a tensor. Inputs of a dtype below float64 get
@@ -291,11 +316,13 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
     else:
         log_gamma, series_limit = math.lgamma(v + 1), math.sqrt(_SERIES_REGION * (v + 1))
     in_series = x <= series_limit
-    leading = _times_log(v, torch.log(0.5 * x)) - log_gamma  # log of (x / 2)^v / Gamma(v + 1)
     # On the CPU, asking which regions occur costs no device synchronisation: skip the other.
     on_host = x.device.type == "cpu"
     need_series = not on_host or bool(in_series.any())
     need_debye = not on_host or not need_series or not bool(in_series.all())
+
+    def leading() -> Tensor:  # log of (x / 2)^v / Gamma(v + 1)
+        return _times_log(v, torch.log(0.5 * x)) - log_gamma
 
     if need_series:
         series_normalized, series_ratio = _series_log_normalized_and_ratio(
@@ -303,7 +330,8 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
             torch.minimum(x, series_limit)
         )
         if not need_debye:
-            return leading + series_normalized, series_normalized, series_ratio
+            log_iv = leading() + series_normalized if with_log_iv else None
+            return log_iv, series_normalized, series_ratio
 
     # Debye at the shifted order, then down the recurrence; x kept out of the series region,
     # where the ratios would underflow and the result is discarded anyway.
@@ -311,14 +339,19 @@ def _log_iv_parts(v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
         log_iv, ratio = _debye_and_recurrence_per_element(
             v, torch.maximum(x, series_limit), shift, terms
         )
+        normalized = log_iv - leading()
     else:
-        log_iv, ratio = _debye_and_recurrence(v, torch.clamp(x, min=series_limit), shift, terms)
+        log_iv, normalized, ratio = _debye_and_recurrence(
+            v, torch.clamp(x, min=series_limit) if need_series else x, shift, terms,
+            with_log_iv,
+        )
     if not need_series:
-        return log_iv, log_iv - leading, ratio
+        return log_iv, normalized, ratio
 
-    normalized = torch.where(in_series, series_normalized, log_iv - leading)
-    log_iv = torch.where(in_series, leading + series_normalized, log_iv)
+    normalized = torch.where(in_series, series_normalized, normalized)
     ratio = torch.where(in_series, series_ratio, ratio)
+    if with_log_iv:
+        log_iv = torch.where(in_series, leading() + series_normalized, log_iv)
     return log_iv, normalized, ratio
 
 
@@ -368,21 +401,35 @@ def _ratio_derivative(v: Tensor | float, x: Tensor, ratio: Tensor) -> Tensor:
 
 
 class _BesselParts(torch.autograd.Function):
-    """(log I_v(x), log 0F1(; v + 1; x^2 / 4), I_{v+1}(x) / I_v(x)), differentiable in x.
+    """(log I_v(x), log 0F1(; v + 1; x^2 / 4), I_{v+1}(x) / I_v(x)), differentiable in x; the
+    last two only with ``with_log_iv=False``. ``values``, when given, are the last two in
+    float64 at the same (v, x), already evaluated: only the derivatives are attached.
 
     d/dx of the three: r + v / x, r, and 1 - r^2 - (2 v + 1) r / x, with r the ratio.
     """
 
     @staticmethod
-    def forward(ctx, v: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        log_iv, normalized, ratio = _log_iv_parts(v, x)
+    def forward(
+        ctx,
+        v: Tensor | float,
+        x: Tensor,
+        with_log_iv: bool,
+        values: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, ...]:
+        if values is None:
+            log_iv, normalized, ratio = _log_iv_parts(v, x, with_log_iv=with_log_iv)
+        else:
+            log_iv, (normalized, ratio) = None, values
         _save(ctx, v, x, ratio)
+        ctx.with_log_iv = with_log_iv
         ctx.set_materialize_grads(False)  # unused outputs: None, not 0 * (possibly inf)
-        return log_iv.to(x.dtype), normalized.to(x.dtype), ratio.to(x.dtype)
+        parts = (normalized.to(x.dtype), ratio.to(x.dtype))
+        return (log_iv.to(x.dtype), *parts) if with_log_iv else parts
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_log_iv, grad_normalized, grad_ratio) -> tuple[None, Tensor]:
+    def backward(ctx, *grads: Tensor | None) -> tuple[None, Tensor, None, None]:
+        grad_log_iv, grad_normalized, grad_ratio = grads if ctx.with_log_iv else (None, *grads)
         v, x, ratio = _saved(ctx)
         grad = torch.zeros_like(ratio)
         if grad_log_iv is not None:
@@ -391,7 +438,7 @@ class _BesselParts(torch.autograd.Function):
             grad = grad + grad_normalized * ratio
         if grad_ratio is not None:
             grad = grad + grad_ratio * _ratio_derivative(v, x, ratio)
-        return None, _sum_to_shape(grad.to(ctx.dtype), ctx.x_shape)
+        return None, _sum_to_shape(grad.to(ctx.dtype), ctx.x_shape), None, None
 
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -427,7 +474,7 @@ def log_bessel_iv(v: Tensor | float, x: Tensor | float) -> Tensor:
         tensor([ 0.1614, 996.0878], dtype=torch.float64)
     """
     v, x = _as_tensors(v, x)
-    return _BesselParts.apply(v, x)[0]
+    return _BesselParts.apply(v, x, True, None)[0]
 
 
 def log_bessel_iv_normalized(v: Tensor | float, x: Tensor | float) -> Tensor:
@@ -444,7 +491,7 @@ def log_bessel_iv_normalized(v: Tensor | float, x: Tensor | float) -> Tensor:
     :returns: tensor of the broadcast shape, on ``x``'s device and of its dtype.
     """
     v, x = _as_tensors(v, x)
-    return _BesselParts.apply(v, x)[1]
+    return _BesselParts.apply(v, x, False, None)[0]
 
 
 def bessel_iv_ratio(v: Tensor | float, x: Tensor | float) -> Tensor:
@@ -460,19 +507,48 @@ def bessel_iv_ratio(v: Tensor | float, x: Tensor | float) -> Tensor:
     :returns: tensor of the broadcast shape, on ``x``'s device and of its dtype.
     """
     v, x = _as_tensors(v, x)
-    return _BesselParts.apply(v, x)[2]
+    return _BesselParts.apply(v, x, False, None)[1]
 
 
 def log_bessel_iv_normalized_and_ratio(
-    v: Tensor | float, x: Tensor | float
+    v: Tensor | float,
+    x: Tensor | float,
+    values: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both :func:`log_bessel_iv_normalized` and :func:`bessel_iv_ratio` from one evaluation.
 
     The von Mises-Fisher entropy and KL divergences need both at the same
     :math:`(v, \\kappa)`; this halves their cost. Differentiable in ``x`` through both outputs.
 
+    :param v: order(s) :math:`v \\ge 0`, float or tensor broadcastable with ``x``.
+    :param x: argument(s) :math:`x \\ge 0`, floating-point tensor (float32 or float64),
+        differentiable.
+    :param values: the pair already evaluated at the same ``v`` and ``x`` by
+        :func:`log_bessel_iv_normalized_and_ratio_values`, to which only the derivatives are
+        attached (no second evaluation); ``None`` evaluates them.
     :returns: ``(log_normalized, ratio)``, each of the broadcast shape, on ``x``'s device and of
         its dtype.
     """
     v, x = _as_tensors(v, x)
-    return _BesselParts.apply(v, x)[1:]
+    return _BesselParts.apply(v, x, False, values)
+
+
+def log_bessel_iv_normalized_and_ratio_values(
+    v: Tensor | float, x: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """The values of :func:`log_bessel_iv_normalized_and_ratio` in float64, whatever ``x``'s
+    dtype, computed without autograd (no graph, no derivatives).
+
+    For callers that evaluate the pair once and need it both as plain numbers and, through
+    ``log_bessel_iv_normalized_and_ratio(v, x, values=...)``, with derivatives; or that write
+    the derivatives themselves: :math:`\\partial_x \\log {}_0F_1 = r` and
+    :math:`\\partial_x r = 1 - r^2 - (2 v + 1) r / x`. The accuracy is that of ``x``'s dtype:
+    float32 inputs take the shorter expansion, accurate to about :math:`10^{-9}` (module
+    docstring).
+
+    :returns: ``(log_normalized, ratio)``, float64 tensors of the broadcast shape on ``x``'s
+        device.
+    """
+    v, x = _as_tensors(v, x)
+    _, normalized, ratio = _log_iv_parts(v, x.detach(), with_log_iv=False)
+    return normalized, ratio
