@@ -59,7 +59,7 @@ def _kl_von_mises_fisher_uniform(p: VonMisesFisher, q: HypersphericalUniform) ->
     :class:`_KLToUniform`).
     """
     _check_same_sphere(p, q)
-    log_normalized, ratio = p._bessel_terms
+    log_normalized, ratio = p._bessel_values  # no graph: _KLToUniform has the derivative
     kl = _KLToUniform.apply(p.concentration, log_normalized, ratio, p.event_shape[0])
     if q.batch_shape == p.batch_shape:
         return kl

@@ -12,7 +12,10 @@ from torch.autograd.function import once_differentiable
 from torch.distributions.utils import lazy_property
 
 from pyro_dgm.distributions.hyperspherical_uniform import log_sphere_surface_area
-from pyro_dgm.special import log_bessel_iv_normalized_and_ratio
+from pyro_dgm.special import (
+    log_bessel_iv_normalized_and_ratio,
+    log_bessel_iv_normalized_and_ratio_values,
+)
 
 __all__ = ["VonMisesFisher"]
 
@@ -143,14 +146,23 @@ class VonMisesFisher(TorchDistribution):
         return 0.5 * self._dim - 1
 
     @lazy_property
+    def _bessel_values(self) -> tuple[Tensor, Tensor]:
+        """(log 0F1(; m/2; kappa^2/4), A_m(kappa)) in float64, evaluated once per instance, with
+        no graph: the sampler's score and the KL to the uniform write their derivatives
+        themselves."""
+        return log_bessel_iv_normalized_and_ratio_values(self._order, self.concentration)
+
+    @lazy_property
     def _bessel_terms(self) -> tuple[Tensor, Tensor]:
-        """(log 0F1(; m/2; kappa^2/4), A_m(kappa)) in float64, evaluated once per instance."""
-        return log_bessel_iv_normalized_and_ratio(self._order, self.concentration.double())
+        """:attr:`_bessel_values`, differentiable in kappa (no second evaluation)."""
+        return log_bessel_iv_normalized_and_ratio(
+            self._order, self.concentration.double(), values=self._bessel_values
+        )
 
     @lazy_property
     def _log_normalizer_negated(self) -> Tensor:
         """:math:`-\\log C_m(\\kappa) = \\log|S^{m-1}| + \\log {}_0F_1(; m/2; \\kappa^2/4)` in
-        the parameters' dtype, once per instance."""
+        the parameters' dtype, differentiable, once per instance."""
         log_area = log_sphere_surface_area(self._dim)
         return (self._bessel_terms[0] + log_area).to(self.loc.dtype)
 
@@ -188,53 +200,64 @@ class VonMisesFisher(TorchDistribution):
         :returns: tensor of shape ``sample_shape + batch_shape + (m,)``, on the sphere.
         """
         shape = self._extended_shape(sample_shape)
-        loc = self.loc.expand(shape).reshape(-1, self._dim)
-        concentration = self.concentration.expand(shape[:-1]).reshape(-1)
-        score = None
+        loc, concentration = self.loc, self.concentration
+        if loc.shape != shape or loc.dim() != 2:  # no graph nodes for the usual (B, m)
+            loc = loc.expand(shape).reshape(-1, self._dim)
+            concentration = concentration.expand(shape[:-1]).reshape(-1)
         if self._dim == 3:
             w, sqrt_one_minus_w2 = _sample_w_by_inversion(concentration)
-        else:
-            b = _envelope_b(concentration.detach(), self._dim)
-            proposal, complement = _accepted_proposals(b, concentration.detach(), self._dim)
-            w, sqrt_one_minus_w2, score = _WoodTransform.apply(
-                concentration, proposal, complement, self._dim, b
-            )
-        tangent = torch.randn(
-            loc.shape[0], self._dim - 1, dtype=loc.dtype, device=loc.device
+            tangent = _unit_normal(loc.shape[0], 2, loc)
+            return _RotateFromPole.apply(loc, w, sqrt_one_minus_w2, tangent).reshape(shape)
+        with torch.no_grad():
+            b = _envelope_b(concentration, self._dim)
+            proposal, complement = _accepted_proposals(b, concentration, self._dim)
+            tangent = _unit_normal(loc.shape[0], self._dim - 1, loc)
+        # The score's normalizer, with its derivative, when a gradient will be asked of it:
+        # the same Bessel evaluation then serves the KL divergence.
+        normalizer = ratio = None
+        if self.gradient == "rsvi" and torch.is_grad_enabled() and concentration.requires_grad:
+            log_normalized, ratio = self._bessel_values
+            dtype = concentration.dtype
+            normalizer = (log_normalized + log_sphere_surface_area(self._dim)).to(dtype)
+            if normalizer.shape != concentration.shape:
+                normalizer = normalizer.expand(shape[:-1]).reshape(-1)
+                ratio = ratio.expand(shape[:-1]).reshape(-1)
+            ratio = ratio.to(dtype)
+        sample, score = _ReparameterizedSample.apply(
+            loc, concentration, proposal, complement, b, tangent, self._dim, normalizer, ratio
         )
-        tangent = tangent / torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
-        sample = _RotateFromPole.apply(loc, w, sqrt_one_minus_w2, tangent).reshape(shape)
-        if score is not None:
-            # Remember the accepted proposals' score (attached to the graph, without the
-            # normalizer) for score_parts(sample); see its docstring.
-            self._sample_cache = (sample, score.reshape(shape[:-1]))
+        sample = sample.reshape(shape)
+        # Remember the accepted proposals' score (attached to the graph) for
+        # score_parts(sample); see its docstring.
+        self._sample_cache = (sample, score.reshape(shape[:-1]), normalizer is not None)
         return sample
 
     def score_parts(self, value: Tensor) -> ScoreParts:
         """Pyro's ``(log_prob, score_function, entropy_term)`` for the rejection gradient.
 
-        ``score_function`` is :math:`\\log \\pi(\\varepsilon \\mid \\kappa)` up to a constant, the
-        density of the accepted proposal :math:`\\varepsilon` held fixed:
-        :math:`-\\log {}_0F_1 + \\kappa w + \\frac{m-1}{2} \\log b - (m-1) \\log(1 - (1-b)
-        \\varepsilon)` with :math:`w = h(\\varepsilon, \\kappa)` [Naesseth et al. 2017, eq. 7],
-        minus the constant :math:`\\log|S^{m-1}|`; its gradient has expectation zero. When
-        ``value`` is the last :meth:`rsample`, the score computed there (by
-        :class:`_WoodTransform`) is reused; otherwise :math:`\\varepsilon` is recovered
-        from :math:`\\mu^\\top` ``value`` (less precise for large :math:`\\kappa` in float32).
+        ``score_function`` is :math:`\\log \\pi(\\varepsilon \\mid \\kappa)`, the density
+        of the accepted proposal :math:`\\varepsilon` held fixed:
+        :math:`\\log C_m(\\kappa) + \\kappa w + \\frac{m-1}{2} \\log b - (m-1) \\log(1 - (1-b)
+        \\varepsilon)` with :math:`w = h(\\varepsilon, \\kappa)` [Naesseth et al. 2017, eq. 7]
+        (up to a constant); its gradient has expectation zero. When ``value`` is the last
+        :meth:`rsample`, the score computed there (by :class:`_ReparameterizedSample`) is
+        reused; otherwise :math:`\\varepsilon` is recovered from :math:`\\mu^\\top` ``value``
+        (less precise for large :math:`\\kappa` in float32).
         """
         log_prob = self.log_prob(value)
         if self.gradient == "pathwise" or self._dim == 3:
             return ScoreParts(log_prob=log_prob, score_function=0, entropy_term=log_prob)
         if self._sample_cache is not None and self._sample_cache[0] is value:
-            score = self._sample_cache[1]
+            _, score, normalized = self._sample_cache
+            if not normalized:
+                score = score - self._log_normalizer_negated
         else:
             proposal, complement, b = self._recover_proposal(value)
             concentration = self.concentration.expand(proposal.shape)
             score = _WoodTransform.apply(
                 concentration, proposal, complement, self._dim, b.expand(proposal.shape)
             )[2]
-        # the constant log|S^{m-1}| does not change the gradient
-        score = score - self._log_normalizer_negated
+            score = score - self._log_normalizer_negated
         return ScoreParts(log_prob=log_prob, score_function=score, entropy_term=log_prob)
 
     @torch.no_grad()
@@ -254,6 +277,12 @@ def _envelope_b(concentration: Tensor, dim: int) -> Tensor:
     return (dim - 1) / (two_kappa + torch.hypot(two_kappa, torch.full_like(two_kappa, dim - 1)))
 
 
+def _unit_normal(count: int, dim: int, like: Tensor) -> Tensor:
+    """``count`` directions uniform on the sphere in R^dim, of ``like``'s dtype and device."""
+    normal = torch.randn(count, dim, dtype=like.dtype, device=like.device)
+    return normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True)
+
+
 def _sample_w_by_inversion(concentration: Tensor) -> tuple[Tensor, Tensor]:
     """m = 3: w has density proportional to exp(kappa w) on [-1, 1]; invert its CDF.
 
@@ -267,6 +296,73 @@ def _sample_w_by_inversion(concentration: Tensor) -> tuple[Tensor, Tensor]:
     one_minus_w = -torch.where(kappa < 1, small, large) / kappa
     one_minus_w = one_minus_w.clamp(0, 2)
     return 1 - one_minus_w, (one_minus_w * (2 - one_minus_w)).sqrt()
+
+
+# Wood's map and the rotation from the pole, forward and backward: the math of the three
+# autograd Functions below, each written once.
+
+
+def _wood_map(
+    concentration: Tensor, proposal: Tensor, complement: Tensor, b: Tensor, dim: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(w, sqrt(1 - w^2), the proposal's score without its normalizer, D); see
+    :class:`_WoodTransform`."""
+    denominator = torch.addcmul(complement, b, proposal)  # D = 1 - (1 - b) eps, no cancellation
+    b_proposal = b * proposal
+    w = 1 - 2 * b_proposal / denominator
+    sqrt_one_minus_w2 = 2 * (b_proposal * complement).sqrt() / denominator
+    score = concentration * w + 0.5 * (dim - 1) * b.log() - (dim - 1) * denominator.log()
+    return w, sqrt_one_minus_w2, score, denominator
+
+
+def _wood_map_backward(
+    saved: tuple[Tensor, ...],
+    dim: int,
+    grad_w: Tensor | None,
+    grad_root: Tensor | None,
+    grad_score: Tensor | None,
+) -> Tensor:
+    """The gradient with respect to kappa of :func:`_wood_map`'s first three outputs, from
+    ``saved`` = (kappa, eps, 1 - eps, b, D, w, sqrt(1 - w^2)); any gradient may be None."""
+    concentration, proposal, complement, b, denominator, w, root = saved
+    two_kappa = 2 * concentration
+    db = -2 * b / torch.hypot(two_kappa, torch.full_like(two_kappa, dim - 1.0))
+    shift = 0.5 / b - proposal / denominator  # d log sqrt(b eps (1 - eps)) / D / db
+    through_w = torch.zeros_like(b) if grad_w is None else grad_w
+    through_root = torch.zeros_like(b) if grad_root is None else grad_root * root
+    if grad_score is not None:
+        through_w = through_w + grad_score * concentration
+        through_root = through_root + grad_score * (dim - 1)
+    dw_db = -2 * proposal * complement / denominator.square()
+    grad_b = through_w * dw_db + through_root * shift
+    grad = grad_b * db
+    return grad if grad_score is None else grad + grad_score * w
+
+
+def _rotate(
+    loc: Tensor, w: Tensor, root: Tensor, tangent: Tensor
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:math:`z = -s H_u x` (see :class:`_RotateFromPole`) and what its backward pass needs."""
+    negative = loc[..., :1] < 0  # s = -1; the sign of 0 is +1
+    u = torch.where(negative, -loc, loc)
+    u[..., :1] += 1
+    x = torch.cat([w.unsqueeze(-1), tangent * root.unsqueeze(-1)], -1)
+    norm2 = (u * u).sum(-1, keepdim=True)  # >= 2
+    c = (u * x).sum(-1, keepdim=True).mul_(2).div_(norm2)
+    reflected = torch.addcmul(x, c, u, value=-1)  # H_u x
+    return torch.where(negative, reflected, -reflected), (u, x, c, norm2, negative)
+
+
+def _rotate_backward(
+    saved: tuple[Tensor, ...], tangent: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients with respect to loc, w and sqrt(1 - w^2) of :func:`_rotate`."""
+    u, x, c, norm2, negative = saved
+    c_grad = (u * grad).sum(-1, keepdim=True).mul_(2).div_(norm2)
+    reflected = torch.addcmul(grad, c_grad, u, value=-1)  # H_u g
+    grad_x = torch.where(negative, reflected, -reflected)
+    grad_loc = torch.addcmul(c * grad, c_grad, torch.addcmul(x, c, u, value=-1))
+    return grad_loc, grad_x[..., 0], torch.linalg.vecdot(grad_x[..., 1:], tangent)
 
 
 class _WoodTransform(torch.autograd.Function):
@@ -297,28 +393,17 @@ class _WoodTransform(torch.autograd.Function):
     def forward(
         ctx, concentration: Tensor, proposal: Tensor, complement: Tensor, dim: int, b: Tensor
     ):
-        denominator = torch.addcmul(complement, b, proposal)  # no cancellation
-        b_proposal = b * proposal
-        w = 1 - 2 * b_proposal / denominator
-        sqrt_one_minus_w2 = 2 * (b_proposal * complement).sqrt() / denominator
-        score = concentration * w + 0.5 * (dim - 1) * b.log() - (dim - 1) * denominator.log()
+        w, root, score, denominator = _wood_map(concentration, proposal, complement, b, dim)
         ctx.dim = dim
-        ctx.save_for_backward(
-            concentration, proposal, complement, b, denominator, w, sqrt_one_minus_w2
-        )
-        return w, sqrt_one_minus_w2, score
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(concentration, proposal, complement, b, denominator, w, root)
+        return w, root, score
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_w: Tensor, grad_root: Tensor, grad_score: Tensor):
-        concentration, proposal, complement, b, denominator, w, root = ctx.saved_tensors
-        two_kappa = 2 * concentration
-        db = -2 * b / torch.hypot(two_kappa, torch.full_like(two_kappa, ctx.dim - 1.0))
-        dw_db = -2 * proposal * complement / denominator.square()
-        shift = 0.5 / b - proposal / denominator  # d log sqrt(b eps (1 - eps)) / D / db
-        grad_b = (grad_w + grad_score * concentration) * dw_db + grad_root * root * shift
-        grad_b = grad_b + grad_score * (ctx.dim - 1) * shift
-        return grad_score * w + grad_b * db, None, None, None, None
+        grad = _wood_map_backward(ctx.saved_tensors, ctx.dim, grad_w, grad_root, grad_score)
+        return grad, None, None, None, None
 
 
 class _RotateFromPole(torch.autograd.Function):
@@ -338,25 +423,69 @@ class _RotateFromPole(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loc: Tensor, w: Tensor, root: Tensor, tangent: Tensor) -> Tensor:
-        negative = loc[..., :1] < 0  # s = -1; the sign of 0 is +1
-        u = torch.where(negative, -loc, loc)
-        u[..., :1] += 1
-        x = torch.cat([w.unsqueeze(-1), tangent * root.unsqueeze(-1)], -1)
-        norm2 = (u * u).sum(-1, keepdim=True)  # >= 2
-        c = (u * x).sum(-1, keepdim=True).mul_(2).div_(norm2)
-        reflected = torch.addcmul(x, c, u, value=-1)  # H_u x
-        ctx.save_for_backward(u, x, c, norm2, negative, tangent)
-        return torch.where(negative, reflected, -reflected)
+        z, saved = _rotate(loc, w, root, tangent)
+        ctx.save_for_backward(*saved, tangent)
+        return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        u, x, c, norm2, negative, tangent = ctx.saved_tensors
-        c_grad = (u * grad).sum(-1, keepdim=True).mul_(2).div_(norm2)
-        reflected = torch.addcmul(grad, c_grad, u, value=-1)  # H_u g
-        grad_x = torch.where(negative, reflected, -reflected)
-        grad_loc = torch.addcmul(c * grad, c_grad, torch.addcmul(x, c, u, value=-1))
-        return grad_loc, grad_x[..., 0], (grad_x[..., 1:] * tangent).sum(-1), None
+        *saved, tangent = ctx.saved_tensors
+        return (*_rotate_backward(saved, tangent, grad), None)
+
+
+class _ReparameterizedSample(torch.autograd.Function):
+    """The whole differentiable part of :meth:`VonMisesFisher.rsample` as one node: Wood's map
+    of the accepted proposals (:class:`_WoodTransform`) followed by the rotation from the pole
+    (:class:`_RotateFromPole`), returning the sample :math:`z` (n, m) and the accepted
+    proposals' score (n,).
+
+    ``normalizer`` and ``ratio`` (n,), when given (no gradient), are
+    :math:`-\\log C_m(\\kappa)` and :math:`A_m(\\kappa)`: the score is then the proposal's
+    full log-density, its normalizer subtracted, with derivative :math:`-A_m` for it. One node,
+    one hand-written backward pass, where the two Functions and the normalizer took three
+    (training steps at n = 64 are bound by the count of small operations). Not itself
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        loc: Tensor,
+        concentration: Tensor,
+        proposal: Tensor,
+        complement: Tensor,
+        b: Tensor,
+        tangent: Tensor,
+        dim: int,
+        normalizer: Tensor | None,
+        ratio: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        w, root, score, denominator = _wood_map(concentration, proposal, complement, b, dim)
+        z, rotation = _rotate(loc, w, root, tangent)
+        if normalizer is not None:
+            score = score - normalizer
+        ctx.dim = dim
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(concentration, proposal, complement, b, denominator, w, root,
+                              tangent, *rotation, ratio)
+        return z, score
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z: Tensor | None, grad_score: Tensor | None):
+        *wood, tangent, u, x, c, norm2, negative, ratio = ctx.saved_tensors
+        grad_loc = grad_w = grad_root = None
+        if grad_z is not None:
+            grad_loc, grad_w, grad_root = _rotate_backward(
+                (u, x, c, norm2, negative), tangent, grad_z
+            )
+        if grad_w is None and grad_score is None:
+            return (None,) * 9
+        grad_concentration = _wood_map_backward(wood, ctx.dim, grad_w, grad_root, grad_score)
+        if grad_score is not None and ratio is not None:
+            grad_concentration = grad_concentration - grad_score * ratio
+        return grad_loc, grad_concentration, None, None, None, None, None, None, None
 
 
 def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Tensor, Tensor]:
