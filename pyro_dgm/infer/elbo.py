@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pyro.poutine as poutine
+from pyro.distributions.distribution import Distribution
+from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks, torch_item
+from pyro.infer.util import (
+    MultiFrameTensor,
+    get_plate_stacks,
+    is_validation_enabled,
+    torch_item,
+)
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import kl_divergence
@@ -50,40 +59,64 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
         them in one pass under an extra plate.
     """
 
+    def _get_trace(self, model, guide, args, kwargs):
+        """The guide's trace and the model's replayed against it. With Pyro's validation on,
+        Pyro's own (its checks, and every site's log-density computed up front); without,
+        the bare traces: :meth:`_particle_elbo` then computes only the log-densities it uses
+        (none for a latent site whose KL is analytic, nor a score for a fully reparameterized
+        one), which is most of Pyro's cost per step in a small model."""
+        if is_validation_enabled() or isinstance(
+            poutine.unwrap(guide), poutine.messenger.Messenger
+        ):
+            return super()._get_trace(model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(model, trace=guide_trace), graph_type="flat"
+        ).get_trace(*args, **kwargs)
+        return model_trace, guide_trace
+
     def _particle_elbo(self, model_trace, guide_trace) -> Tensor:
         elbo = 0.0
         cost = MultiFrameTensor()  # detached terms that multiply the score functions
         stacks = get_plate_stacks(model_trace)
+        guide_sites = [
+            site for site in guide_trace.nodes.values()
+            if site["type"] == "sample" and not site_is_subsample(site)
+        ]
         for name, model_site in model_trace.nodes.items():
-            if model_site["type"] != "sample":
+            if model_site["type"] != "sample" or site_is_subsample(model_site):
                 continue
             if model_site["is_observed"]:
+                log_prob = _log_prob(model_site)
                 elbo = elbo + model_site["log_prob_sum"]
-                cost.add((stacks[name], model_site["log_prob"].detach()))
+                cost.add((stacks[name], log_prob.detach()))
                 continue
             guide_site = guide_trace.nodes[name]
             kl = _analytic_kl(guide_site, model_site)
             if kl is not None:
                 elbo = elbo - kl.sum()
                 continue
+            guide_log_prob = _score_parts(guide_site).log_prob
             entropy_term = guide_site["score_parts"].entropy_term
             if is_identically_zero(entropy_term):  # not reparameterized: value only
-                entropy_term = guide_site["log_prob"].detach()
+                entropy_term = guide_log_prob.detach()
+            log_prob = _log_prob(model_site)
             elbo = elbo + model_site["log_prob_sum"] - entropy_term.sum()
-            cost.add((stacks[name], (model_site["log_prob"] - guide_site["log_prob"]).detach()))
+            cost.add((stacks[name], (log_prob - guide_log_prob).detach()))
 
-        for name, guide_site in guide_trace.nodes.items():
-            if guide_site["type"] != "sample" or name in model_trace.nodes:
+        for guide_site in guide_sites:
+            if guide_site["name"] in model_trace.nodes:
                 continue
             # auxiliary guide sites: -log q, Monte Carlo
-            elbo = elbo - guide_site["score_parts"].entropy_term.sum()
+            parts = _score_parts(guide_site)
+            elbo = elbo - parts.entropy_term.sum()
             frames = [f for f in guide_site["cond_indep_stack"] if f.vectorized]
-            cost.add((frames, -guide_site["log_prob"].detach()))
+            cost.add((frames, -parts.log_prob.detach()))
 
-        for guide_site in guide_trace.nodes.values():
-            if guide_site["type"] != "sample":
+        for guide_site in guide_sites:
+            if not _has_score_function(guide_site):
                 continue
-            score = guide_site["score_parts"].score_function
+            score = _score_parts(guide_site).score_function
             if is_identically_zero(score):
                 continue
             downstream = cost.sum_to(guide_site["cond_indep_stack"])
@@ -122,3 +155,35 @@ def _analytic_kl(guide_site: dict, model_site: dict) -> Tensor | None:
     except NotImplementedError:
         return None
     return scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+
+
+def _log_prob(site: dict) -> Tensor:
+    """A trace site's scaled and masked log-density, computed once and kept in the site as
+    ``Trace.compute_log_prob`` keeps it (``log_prob``, ``log_prob_sum``)."""
+    if "log_prob" not in site:
+        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        site["unscaled_log_prob"] = log_prob
+        site["log_prob"] = scale_and_mask(log_prob, site["scale"], site["mask"])
+        site["log_prob_sum"] = site["log_prob"].sum()
+    return site["log_prob"]
+
+
+def _score_parts(site: dict) -> ScoreParts:
+    """A guide site's scaled and masked score parts, computed once and kept in the site as
+    ``Trace.compute_score_parts`` keeps them."""
+    if "score_parts" not in site:
+        parts = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+        site["unscaled_log_prob"] = parts.log_prob
+        site["score_parts"] = parts = parts.scale_and_mask(site["scale"], site["mask"])
+        site["log_prob"] = parts.log_prob
+        site["log_prob_sum"] = parts.log_prob.sum()
+    return site["score_parts"]
+
+
+def _has_score_function(site: dict) -> bool:
+    """Whether a guide site may carry a score function: not when its distribution is
+    reparameterized and keeps the default ``score_parts`` (whose score function is 0)."""
+    if "score_parts" in site:
+        return True
+    fn = site["fn"]
+    return not fn.has_rsample or type(fn).score_parts is not Distribution.score_parts
