@@ -9,7 +9,7 @@ import pytest
 import torch
 from exact_models import F64, LinearGaussian, vmf_problem
 
-from pyro_dgm.distributions import HypersphericalUniform
+from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
 from pyro_dgm.infer import (
     TraceAnalyticKL_ELBO,
     elbo_terms,
@@ -31,6 +31,10 @@ def linear_gaussian():
     problem = LinearGaussian()
     x = problem.marginal().sample((6,))
     return problem, x
+
+
+# TraceAnalyticKL_ELBO takes Pyro's traces when Pyro validates, and its own lean ones without.
+BOTH_TRACE_PATHS = pytest.mark.parametrize("validation", [True, False], ids=["pyro", "lean"])
 
 
 def test_importance_sampling_converges_to_exact_log_likelihood(linear_gaussian):
@@ -95,18 +99,20 @@ def test_elbo_terms_match_closed_form(linear_gaussian):
     torch.testing.assert_close(terms.elbo, terms.reconstruction - terms.kl)
 
 
-def test_analytic_kl_elbo_equals_trace_elbo_in_expectation(linear_gaussian):
-    problem, x = linear_gaussian
-    torch.manual_seed(2)
-    analytic = TraceAnalyticKL_ELBO(num_particles=20_000, vectorize_particles=True,
-                                    max_plate_nesting=1)
-    monte_carlo = pyro.infer.Trace_ELBO(num_particles=20_000, vectorize_particles=True,
+@BOTH_TRACE_PATHS
+def test_analytic_kl_elbo_equals_trace_elbo_in_expectation(linear_gaussian, validation):
+    with pyro.validation_enabled(validation):
+        problem, x = linear_gaussian
+        torch.manual_seed(2)
+        analytic = TraceAnalyticKL_ELBO(num_particles=20_000, vectorize_particles=True,
                                         max_plate_nesting=1)
-    value = analytic.loss(problem.model, problem.rough_guide, x)
-    reference = monte_carlo.loss(problem.model, problem.rough_guide, x)
-    assert value == pytest.approx(reference, rel=2e-3)
-    exact = -elbo_terms(problem.model, problem.rough_guide, x, num_particles=20_000).elbo.sum()
-    assert value == pytest.approx(float(exact), rel=2e-3)
+        monte_carlo = pyro.infer.Trace_ELBO(num_particles=20_000, vectorize_particles=True,
+                                            max_plate_nesting=1)
+        value = analytic.loss(problem.model, problem.rough_guide, x)
+        reference = monte_carlo.loss(problem.model, problem.rough_guide, x)
+        assert value == pytest.approx(reference, rel=2e-3)
+        exact = -elbo_terms(problem.model, problem.rough_guide, x, num_particles=20_000).elbo.sum()
+        assert value == pytest.approx(float(exact), rel=2e-3)
 
 
 def test_analytic_kl_elbo_gradient_matches_finite_differences(linear_gaussian):
@@ -128,63 +134,91 @@ def test_analytic_kl_elbo_gradient_matches_finite_differences(linear_gaussian):
 
 
 @pytest.mark.parametrize("kl_scale", [1.0, 0.3])
-def test_analytic_kl_elbo_gradient_through_rejection_sampler(kl_scale):
+@BOTH_TRACE_PATHS
+def test_analytic_kl_elbo_gradient_through_rejection_sampler(kl_scale, validation):
     """Partially reparameterized guide: ELBO_i = c x_i A(kappa_i) - beta KL(kappa_i), so
     dELBO/dkappa_i = (c x_i - beta kappa_i) A'(kappa_i); 4 standard errors over 30 runs."""
-    m, c, model, guide = vmf_problem()
-    x = torch.tensor([1.0, 2.0], dtype=F64)
-    kappa = torch.tensor([2.0, 7.0], dtype=F64)
-    elbo = TraceAnalyticKL_ELBO(num_particles=1000, vectorize_particles=True,
-                                max_plate_nesting=1)
-    torch.manual_seed(0)
-    grads = []
-    for _ in range(30):
-        concentration = kappa.clone().requires_grad_()
-        loss = elbo.differentiable_loss(model, guide, x, concentration, kl_scale=kl_scale)
-        grads.append(-torch.autograd.grad(loss, concentration)[0])
-    grads = torch.stack(grads)
-    from pyro_dgm.special import bessel_iv_ratio
+    with pyro.validation_enabled(validation):
+        m, c, model, guide = vmf_problem()
+        x = torch.tensor([1.0, 2.0], dtype=F64)
+        kappa = torch.tensor([2.0, 7.0], dtype=F64)
+        elbo = TraceAnalyticKL_ELBO(num_particles=1000, vectorize_particles=True,
+                                    max_plate_nesting=1)
+        torch.manual_seed(0)
+        grads = []
+        for _ in range(30):
+            concentration = kappa.clone().requires_grad_()
+            loss = elbo.differentiable_loss(model, guide, x, concentration, kl_scale=kl_scale)
+            grads.append(-torch.autograd.grad(loss, concentration)[0])
+        grads = torch.stack(grads)
+        from pyro_dgm.special import bessel_iv_ratio
 
-    ratio = bessel_iv_ratio(0.5 * m - 1, kappa)
-    derivative = 1 - ratio**2 - (m - 1) * ratio / kappa
-    exact = (c * x - kl_scale * kappa) * derivative
-    assert ((grads.mean(0) - exact).abs() < 4 * grads.std(0) / math.sqrt(30)).all()
+        ratio = bessel_iv_ratio(0.5 * m - 1, kappa)
+        derivative = 1 - ratio**2 - (m - 1) * ratio / kappa
+        exact = (c * x - kl_scale * kappa) * derivative
+        assert ((grads.mean(0) - exact).abs() < 4 * grads.std(0) / math.sqrt(30)).all()
 
 
-def test_differentiable_loss_value_is_the_elbo_estimate():
+@BOTH_TRACE_PATHS
+def test_differentiable_loss_value_is_the_elbo_estimate(validation):
     """The score-function terms are zero-valued: the loss is -(E log lik - KL) exactly."""
+    with pyro.validation_enabled(validation):
+        m, c, model, guide = vmf_problem()
+        x = torch.tensor([1.0, -1.0, 0.5], dtype=F64)
+        concentration = torch.tensor([1.0, 3.0, 9.0], dtype=F64)
+        pyro.set_rng_seed(0)
+        loss = TraceAnalyticKL_ELBO().differentiable_loss(model, guide, x, concentration)
+        pyro.set_rng_seed(0)
+        guide_trace = poutine.trace(guide).get_trace(x, concentration)
+        z = guide_trace.nodes["z"]["value"]
+        q = guide_trace.nodes["z"]["fn"]
+        kl = torch.distributions.kl_divergence(q, HypersphericalUniform(m, dtype=F64).expand([3]))
+        direction = torch.tensor([0.0, 0.6, 0.0, 0.8], dtype=F64)
+        expected = -(c * (z @ direction) * x - kl).sum()
+        torch.testing.assert_close(loss, expected)
+
+
+@BOTH_TRACE_PATHS
+def test_subsampling_scale_applies_to_every_term(validation):
+    with pyro.validation_enabled(validation):
+        m, c, model, guide = vmf_problem()
+
+        def subsampled(fn):
+            def wrapped(x, indices, concentration, num_data):
+                with poutine.scale(scale=num_data / x.shape[0]):
+                    fn(x, concentration)
+            return wrapped
+
+        x = torch.tensor([1.0, 2.0], dtype=F64)
+        concentration = torch.tensor([2.0, 5.0], dtype=F64)
+        pyro.set_rng_seed(0)
+        full = TraceAnalyticKL_ELBO().differentiable_loss(model, guide, x, concentration)
+        pyro.set_rng_seed(0)
+        scaled = TraceAnalyticKL_ELBO().differentiable_loss(
+            subsampled(model), subsampled(guide), x, None, concentration, 10)
+        torch.testing.assert_close(scaled, 5 * full)
+
+
+def test_lean_traces_compute_no_log_density_of_a_site_with_analytic_kl(monkeypatch):
+    """Without validation, a latent site whose KL is analytic costs no log-density, neither
+    in the model (the prior's) nor in the guide (the vMF's score comes alone); the value is
+    the same as with Pyro's traces."""
     m, c, model, guide = vmf_problem()
     x = torch.tensor([1.0, -1.0, 0.5], dtype=F64)
     concentration = torch.tensor([1.0, 3.0, 9.0], dtype=F64)
     pyro.set_rng_seed(0)
-    loss = TraceAnalyticKL_ELBO().differentiable_loss(model, guide, x, concentration)
+    with pyro.validation_enabled(True):
+        expected = TraceAnalyticKL_ELBO().differentiable_loss(model, guide, x, concentration)
+
+    def refuse(self, value):
+        raise AssertionError(f"{type(self).__name__}.log_prob was computed")
+
+    monkeypatch.setattr(HypersphericalUniform, "log_prob", refuse)
+    monkeypatch.setattr(VonMisesFisher, "log_prob", refuse)
     pyro.set_rng_seed(0)
-    guide_trace = poutine.trace(guide).get_trace(x, concentration)
-    z = guide_trace.nodes["z"]["value"]
-    q = guide_trace.nodes["z"]["fn"]
-    kl = torch.distributions.kl_divergence(q, HypersphericalUniform(m, dtype=F64).expand([3]))
-    direction = torch.tensor([0.0, 0.6, 0.0, 0.8], dtype=F64)
-    expected = -(c * (z @ direction) * x - kl).sum()
+    with pyro.validation_enabled(False):
+        loss = TraceAnalyticKL_ELBO().differentiable_loss(model, guide, x, concentration)
     torch.testing.assert_close(loss, expected)
-
-
-def test_subsampling_scale_applies_to_every_term():
-    m, c, model, guide = vmf_problem()
-
-    def subsampled(fn):
-        def wrapped(x, indices, concentration, num_data):
-            with poutine.scale(scale=num_data / x.shape[0]):
-                fn(x, concentration)
-        return wrapped
-
-    x = torch.tensor([1.0, 2.0], dtype=F64)
-    concentration = torch.tensor([2.0, 5.0], dtype=F64)
-    pyro.set_rng_seed(0)
-    full = TraceAnalyticKL_ELBO().differentiable_loss(model, guide, x, concentration)
-    pyro.set_rng_seed(0)
-    scaled = TraceAnalyticKL_ELBO().differentiable_loss(subsampled(model), subsampled(guide), x,
-                                                        None, concentration, 10)
-    torch.testing.assert_close(scaled, 5 * full)
 
 
 def test_importance_log_likelihood_rejects_bad_arguments(linear_gaussian):

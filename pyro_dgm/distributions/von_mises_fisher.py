@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.score_parts import ScoreParts
@@ -233,32 +231,40 @@ class VonMisesFisher(TorchDistribution):
         return sample
 
     def score_parts(self, value: Tensor) -> ScoreParts:
-        """Pyro's ``(log_prob, score_function, entropy_term)`` for the rejection gradient.
+        """Pyro's ``(log_prob, score_function, entropy_term)`` for the rejection gradient:
+        ``entropy_term`` is ``log_prob``, and ``score_function`` that of
+        :meth:`score_function` (0 with ``gradient="pathwise"`` and for :math:`m = 3`)."""
+        log_prob = self.log_prob(value)
+        return ScoreParts(log_prob=log_prob, score_function=self.score_function(value),
+                          entropy_term=log_prob)
 
-        ``score_function`` is :math:`\\log \\pi(\\varepsilon \\mid \\kappa)`, the density
-        of the accepted proposal :math:`\\varepsilon` held fixed:
+    def score_function(self, value: Tensor) -> Tensor | int:
+        """The score function of :meth:`score_parts` alone, without the log-density: what
+        :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` asks of a site whose KL is analytic.
+
+        It is :math:`\\log \\pi(\\varepsilon \\mid \\kappa)`, the density of the accepted
+        proposal :math:`\\varepsilon` held fixed:
         :math:`\\log C_m(\\kappa) + \\kappa w + \\frac{m-1}{2} \\log b - (m-1) \\log(1 - (1-b)
         \\varepsilon)` with :math:`w = h(\\varepsilon, \\kappa)` [Naesseth et al. 2017, eq. 7]
-        (up to a constant); its gradient has expectation zero. When ``value`` is the last
-        :meth:`rsample`, the score computed there (by :class:`_ReparameterizedSample`) is
-        reused; otherwise :math:`\\varepsilon` is recovered from :math:`\\mu^\\top` ``value``
-        (less precise for large :math:`\\kappa` in float32).
+        (up to a constant), of shape ``value.shape[:-1]`` broadcast with the batch shape; its
+        gradient has expectation zero. When ``value`` is the last :meth:`rsample`, the score
+        computed there (by :class:`_ReparameterizedSample`) is reused; otherwise
+        :math:`\\varepsilon` is recovered from :math:`\\mu^\\top` ``value`` (less precise for
+        large :math:`\\kappa` in float32). 0 (an int, as Pyro's convention) with
+        ``gradient="pathwise"`` and for :math:`m = 3`, where the sample is fully
+        reparameterized.
         """
-        log_prob = self.log_prob(value)
         if self.gradient == "pathwise" or self._dim == 3:
-            return ScoreParts(log_prob=log_prob, score_function=0, entropy_term=log_prob)
+            return 0
         if self._sample_cache is not None and self._sample_cache[0] is value:
             _, score, normalized = self._sample_cache
-            if not normalized:
-                score = score - self._log_normalizer_negated
-        else:
-            proposal, complement, b = self._recover_proposal(value)
-            concentration = self.concentration.expand(proposal.shape)
-            score = _WoodTransform.apply(
-                concentration, proposal, complement, self._dim, b.expand(proposal.shape)
-            )[2]
-            score = score - self._log_normalizer_negated
-        return ScoreParts(log_prob=log_prob, score_function=score, entropy_term=log_prob)
+            return score if normalized else score - self._log_normalizer_negated
+        proposal, complement, b = self._recover_proposal(value)
+        concentration = self.concentration.expand(proposal.shape)
+        score = _WoodTransform.apply(
+            concentration, proposal, complement, self._dim, b.expand(proposal.shape)
+        )[2]
+        return score - self._log_normalizer_negated
 
     @torch.no_grad()
     def _recover_proposal(self, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -495,35 +501,37 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     Wood's test log u <= kappa w + (m-1) log(1 - x0 w) - c, with x0 = (1-b)/(1+b), is
     rewritten in eps so that nothing of size kappa cancels:
 
-        log u <= s (1 - 2 eps) / D - (m-1) log D + o,   D = 1 - (1 - b) eps,
-        s = 2 kappa b / (1 + b),   o = (m-1) log((1 + b) / 2),
+        log u <= s (1 - 2 eps) / D + (m-1) log((1 + b) / (2 D)),   D = 1 - (1 - b) eps,
+        s = 2 kappa b / (1 + b),
 
-    with the per-element s and o computed once. Each round draws several proposals for every
-    element still rejected (about 512 in all in the first round, then twice as many per
-    element each round), so that stragglers finish in few rounds; only those elements are
-    carried on (one host synchronisation per round).
+    with the per-element s and (1 + b) / 2 computed once. Each round draws several proposals
+    for every element still rejected (about 512 in all in the first round, then twice as many
+    per element each round), so that stragglers finish in few rounds; only those elements are
+    carried on (one host synchronisation per round). Which accepted proposal an element takes
+    depends only on which were accepted, not on their values, so it is distributed exactly.
     """
     count = b.shape[0]
     half = 0.5 * (dim - 1)
-    scale = 2 * concentration * b / (1 + b)
-    offset = (dim - 1) * (torch.log1p(b) - math.log(2))
+    one_plus_b = 1 + b
+    scale = (concentration * b).mul_(2).div_(one_plus_b)
+    half_one_plus_b = one_plus_b.mul_(0.5)
     # Small batches cost about the same per round whatever the proposal count, so ask for
     # about 512 proposals in the first round: usually the only one. Wood's acceptance rate
     # measured at least 0.68 (m from 4 to 65, kappa up to 1e5; it levels off by 1000), so with 8
     # proposals each (a batch of 64) one round suffices with probability 1 - 64 * 0.32^8 > 0.99.
     per_element = max(1, min(16, 512 // max(count, 1)))
     accepted_pair = pending = None  # (2, count): eps and 1 - eps
-    b_pending, scale_pending, offset_pending = b, scale, offset
+    b_pending, scale_pending, half_pending = b, scale, half_one_plus_b
     while True:
         pair = _symmetric_beta_pair(b.new_full((b_pending.shape[0], per_element), half))
         eps, eps_complement = pair
         denominator = torch.addcmul(eps_complement, b_pending.unsqueeze(-1), eps)
         log_accept = torch.addcmul(
-            offset_pending.unsqueeze(-1),
+            torch.log(half_pending.unsqueeze(-1) / denominator).mul_(dim - 1),
             scale_pending.unsqueeze(-1),
-            (eps_complement - eps) / denominator,
-        ).sub_(denominator.log_(), alpha=dim - 1)
-        accepted = log_accept >= -torch.empty_like(eps).exponential_()  # log u, u ~ U(0, 1)
+            (eps_complement - eps).div_(denominator),
+        )
+        accepted = log_accept >= torch.rand_like(eps).log_()  # log u, u ~ U(0, 1)
         if per_element == 1:
             chosen, done = pair[..., 0], accepted[..., 0]
         else:
@@ -541,8 +549,8 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
         if still.numel() == 0:
             return accepted_pair[0], accepted_pair[1]
         pending = pending[still]
-        b_pending, scale_pending, offset_pending = (
-            t[still] for t in (b_pending, scale_pending, offset_pending)
+        b_pending, scale_pending, half_pending = (
+            t[still] for t in (b_pending, scale_pending, half_pending)
         )
         per_element = min(2 * per_element, 64)
 
@@ -551,17 +559,14 @@ def _symmetric_beta_pair(half: Tensor) -> Tensor:
     """Draws eps ~ Beta(a, a) for a = ``half`` (any shape), returned stacked with 1 - eps as
     (2, ...), both without cancellation.
 
-    With Z ~ N(0, 1) and V ~ chi^2_{2a} = 2 Gamma(a) independent, Z / sqrt(V / 2a) is Student's
-    t with 2a degrees of freedom and eps = (1 + Z / s) / 2, s = sqrt(V + Z^2), is Beta(a, a):
-    one gamma variate per draw instead of the two of G1 / (G1 + G2). The smaller of eps and
-    1 - eps is written V / (2 s (s + |Z|)), the larger (s + |Z|) / (2 s).
+    With Z ~ N(0, 1) and G ~ Gamma(a) independent, Z / sqrt(G / a) is Student's t with 2a
+    degrees of freedom and eps = (1 + Z / s) / 2, s = sqrt(2 G + Z^2), is Beta(a, a): one gamma
+    variate per draw instead of the two of G1 / (G1 + G2). The smaller of eps and 1 - eps is
+    written G / (s (s + |Z|)), and the larger is 1 minus it (at least 1/2, so as accurate).
     """
-    chi_square = 2 * torch._standard_gamma(half)
+    gamma = torch._standard_gamma(half)
     normal = torch.randn_like(half)
-    root = torch.sqrt(chi_square + normal.square())
-    larger_numerator = root + normal.abs()
-    larger = larger_numerator / (2 * root)
-    smaller = chi_square / (2 * root * larger_numerator)
-    positive = normal >= 0
-    return torch.stack([torch.where(positive, larger, smaller),
-                        torch.where(positive, smaller, larger)])
+    root = torch.addcmul(gamma, normal, normal, value=0.5).mul_(2).sqrt_()
+    smaller = gamma / (root * (root + normal.abs()))
+    pair = torch.stack([1 - smaller, smaller])  # (larger, smaller): eps for Z >= 0
+    return torch.where(normal >= 0, pair, pair.flip(0))

@@ -114,9 +114,7 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
             cost.add((frames, -parts.log_prob.detach()))
 
         for guide_site in guide_sites:
-            if not _has_score_function(guide_site):
-                continue
-            score = _score_parts(guide_site).score_function
+            score = _score_function(guide_site)
             if is_identically_zero(score):
                 continue
             downstream = cost.sum_to(guide_site["cond_indep_stack"])
@@ -180,10 +178,16 @@ def _score_parts(site: dict) -> ScoreParts:
     return site["score_parts"]
 
 
-def _has_score_function(site: dict) -> bool:
-    """Whether a guide site may carry a score function: not when its distribution is
-    reparameterized and keeps the default ``score_parts`` (whose score function is 0)."""
+def _score_function(site: dict) -> Tensor | int:
+    """A guide site's score function (not scaled: Pyro scales the cost it multiplies), without
+    its log-density where the distribution can give it alone (a ``score_function(value)``
+    method, as :class:`~pyro_dgm.distributions.VonMisesFisher` has); 0 for a reparameterized
+    distribution with the default ``score_parts`` (whose score function is 0)."""
     if "score_parts" in site:
-        return True
+        return site["score_parts"].score_function
     fn = site["fn"]
-    return not fn.has_rsample or type(fn).score_parts is not Distribution.score_parts
+    if hasattr(fn, "score_function"):
+        return fn.score_function(site["value"], *site["args"], **site["kwargs"])
+    if fn.has_rsample and type(fn).score_parts is Distribution.score_parts:
+        return 0
+    return _score_parts(site).score_function
