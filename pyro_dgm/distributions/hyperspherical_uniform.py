@@ -79,11 +79,14 @@ class HypersphericalUniform(TorchDistribution):
         return self._log_normalizer.device
 
     def expand(self, batch_shape, _instance=None) -> HypersphericalUniform:
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape and _instance is None:
+            return self  # immutable (Pyro's plates expand every site to its own shape)
         new = self._get_checked_instance(HypersphericalUniform, _instance)
         new.dim = self.dim
         new._log_normalizer = self._log_normalizer
         super(HypersphericalUniform, new).__init__(
-            torch.Size(batch_shape), self.event_shape, validate_args=False
+            batch_shape, self.event_shape, validate_args=False
         )
         new._validate_args = self._validate_args
         return new

@@ -117,15 +117,21 @@ class VonMisesFisher(TorchDistribution):
                 f"concentration of shape {tuple(concentration.shape)} do not broadcast"
             ) from None
         event_shape = loc.shape[-1:]
-        self.loc = loc.expand(batch_shape + event_shape)
-        self.concentration = concentration.expand(batch_shape)
+        # expand only where needed: an expand to the same shape is a graph node all the same
+        if loc.shape[:-1] != batch_shape:
+            loc = loc.expand(batch_shape + event_shape)
+        if concentration.shape != batch_shape:
+            concentration = concentration.expand(batch_shape)
+        self.loc, self.concentration = loc, concentration
         self.gradient = gradient
         self._sample_cache: tuple[Tensor, Tensor] | None = None
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> VonMisesFisher:
-        new = self._get_checked_instance(VonMisesFisher, _instance)
         batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape and _instance is None:
+            return self  # immutable (Pyro's plates expand every site to its own shape)
+        new = self._get_checked_instance(VonMisesFisher, _instance)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.concentration = self.concentration.expand(batch_shape)
         new.gradient = self.gradient
