@@ -56,8 +56,15 @@ CASES = {
         lambda: Householder(D, 3),
         lambda: ConditionalHouseholder(D, C, 3),
     ),
+    # stacks of three flows in one module (global parameters only)
+    "orthogonal-stack": (lambda: Sylvester(D, "orthogonal", bottleneck=3, num_flows=3), None),
+    "householder-stack": (
+        lambda: Sylvester(D, "householder", count_householder=3, num_flows=3), None
+    ),
+    "triangular-stack": (lambda: Sylvester(D, "triangular", permute=True, num_flows=3), None),
 }
-ORTHONORMAL_Q = ["orthogonal-bottleneck", "orthogonal-square", "householder"]
+ORTHONORMAL_Q = ["orthogonal-bottleneck", "orthogonal-square", "householder", "orthogonal-stack",
+                 "householder-stack"]
 
 
 def _build(name: str, conditional: bool, seed: int = 0) -> torch.nn.Module:
@@ -92,14 +99,20 @@ def _per_point_jacobians(function, x: torch.Tensor) -> torch.Tensor:
     return blocks
 
 
-parametrize_cases = pytest.mark.parametrize("name", list(CASES))
-parametrize_conditional = pytest.mark.parametrize(
-    "conditional", [False, True], ids=["plain", "conditional"]
-)
+def _modules(names) -> list:
+    """(name, conditional) for every module of CASES among ``names`` that exists."""
+    return [
+        pytest.param(name, conditional, id=f"{name}-{'conditional' if conditional else 'plain'}")
+        for name in names
+        for conditional in (False, True)
+        if CASES[name][conditional] is not None
+    ]
 
 
-@parametrize_cases
-@parametrize_conditional
+parametrize_modules = pytest.mark.parametrize("name, conditional", _modules(CASES))
+
+
+@parametrize_modules
 def test_log_abs_det_jacobian_matches_autograd(name: str, conditional: bool) -> None:
     module = _build(name, conditional)
     context = _inputs(B, C, seed=2)
@@ -126,8 +139,7 @@ def test_log_abs_det_jacobian_matches_autograd(name: str, conditional: bool) -> 
     )
 
 
-@parametrize_cases
-@parametrize_conditional
+@parametrize_modules
 def test_inverse_round_trip(name: str, conditional: bool) -> None:
     module = _build(name, conditional)
     context = _inputs(B, C, seed=2)
@@ -150,8 +162,7 @@ def test_inverse_round_trip(name: str, conditional: bool) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ORTHONORMAL_Q)
-@parametrize_conditional
+@pytest.mark.parametrize("name, conditional", _modules(ORTHONORMAL_Q))
 def test_q_has_orthonormal_columns(name: str, conditional: bool) -> None:
     module = _build(name, conditional)
     q = _transform(module, _inputs(B, C, seed=2)).q()
@@ -159,7 +170,7 @@ def test_q_has_orthonormal_columns(name: str, conditional: bool) -> None:
     assert (q.mT @ q - eye).abs().max() < 1e-6
 
 
-@parametrize_conditional
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 def test_householder_q_is_the_product_of_reflections(conditional: bool) -> None:
     """The compact (global) and the sequential (per-data-point) forms give H_1 H_2 ... H_K."""
     module = _build("householder", conditional)
@@ -178,8 +189,7 @@ def test_householder_q_is_the_product_of_reflections(conditional: bool) -> None:
     torch.testing.assert_close(_transform(module, context).q(), expected, rtol=0, atol=1e-12)
 
 
-@parametrize_cases
-@parametrize_conditional
+@parametrize_modules
 def test_particle_dimensions_broadcast_against_the_context(name: str, conditional: bool) -> None:
     module = _build(name, conditional)
     context = _inputs(B, C, seed=2)
@@ -196,8 +206,7 @@ def test_particle_dimensions_broadcast_against_the_context(name: str, conditiona
     torch.testing.assert_close(x_back, x, rtol=0, atol=1e-8)
 
 
-@parametrize_cases
-@parametrize_conditional
+@parametrize_modules
 def test_gradients_reach_every_parameter_and_the_context(name: str, conditional: bool) -> None:
     module = _build(name, conditional)
     context = _inputs(B, C, seed=2).requires_grad_()
@@ -215,8 +224,7 @@ def test_gradients_reach_every_parameter_and_the_context(name: str, conditional:
         assert context.grad.abs().max() > 0
 
 
-@parametrize_cases
-@parametrize_conditional
+@parametrize_modules
 def test_inverse_gradient_is_the_inverse_jacobian(name: str, conditional: bool) -> None:
     """Derivatives through the solved inverse are those of the implicit function."""
     module = _build(name, conditional)
@@ -230,6 +238,45 @@ def test_inverse_gradient_is_the_inverse_jacobian(name: str, conditional: bool) 
     )
 
 
+@pytest.mark.parametrize(
+    "kind, permute",
+    [("orthogonal", False), ("householder", False), ("triangular", False), ("triangular", True)],
+)
+def test_a_stack_is_its_flows_one_after_another(kind: str, permute: bool) -> None:
+    """Sylvester(..., num_flows=3) is the composition of three single flows with its parameters'
+    slices (the triangular kind alternating Q from the reversal if permute): same outputs and
+    log-determinants, forward and inverse."""
+    options = {"orthogonal": {"bottleneck": 3}, "householder": {"count_householder": 3},
+               "triangular": {"permute": permute}}[kind]
+    torch.manual_seed(0)
+    stack = Sylvester(D, kind, num_flows=3, **options).double()
+    with torch.no_grad():
+        for parameter in stack.parameters():
+            parameter.normal_(0, 0.7)
+    flows = []
+    for k in range(3):
+        single = options
+        if kind == "triangular":  # Q alternates along the stack
+            single = dict(options, permute=permute != (k % 2 == 1))
+        flow = Sylvester(D, kind, **single).double()
+        with torch.no_grad():
+            for parameter, stacked in zip(flow.parameters(), stack.parameters(), strict=True):
+                parameter.copy_(stacked[k : k + 1])
+        flows.append(flow)
+    x = _inputs(S, B, D)
+    z, log_det = x, 0
+    for flow in flows:
+        z, term = flow.call_and_ladj(z)
+        log_det = log_det + term
+    y, stacked_log_det = stack.call_and_ladj(x)
+    torch.testing.assert_close(y, z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stacked_log_det, log_det, rtol=0, atol=1e-12)
+    assert (y - x).abs().max() > 0.1 and log_det.abs().max() > 0.05
+    inverse = Sylvester(D, kind, num_flows=3, **options).double()
+    inverse.load_state_dict(stack.state_dict())
+    torch.testing.assert_close(inverse.inv(y.clone()), x, rtol=0, atol=1e-8)
+
+
 @pytest.mark.parametrize("diagonal", [3.0, 20.0], ids=["0.995", "1.0"])
 def test_inverse_converges_when_the_flow_is_nearly_singular(diagonal: float) -> None:
     """R_ii R~_ii near (or rounding to) -1 and large off-diagonal entries: the fixed-point
@@ -237,7 +284,7 @@ def test_inverse_converges_when_the_flow_is_nearly_singular(diagonal: float) -> 
     still solves every point to the rounding level (and without a warning)."""
     flow = Sylvester(D, "triangular").double()
     with torch.no_grad():
-        flow.triangular.normal_(0, 5).diagonal().fill_(diagonal)  # tanh(20) = 1.0 in float64
+        flow.triangular.normal_(0, 5)[0].diagonal().fill_(diagonal)  # tanh(20) = 1.0 (float64)
         flow.diag_tilde.fill_(-diagonal)
         flow.bias.normal_()
     y = _inputs(256, D, scale=10.0)
@@ -248,17 +295,30 @@ def test_inverse_converges_when_the_flow_is_nearly_singular(diagonal: float) -> 
 
 
 def test_fused_backward_matches_finite_differences() -> None:
+    """The stack of rows (three flows, M = 3 < D = 4) as one node: its hand-written backward
+    pass against finite differences, and its values against the flows one after another."""
     generator = torch.Generator().manual_seed(0)
 
     def draw(*shape: int) -> torch.Tensor:
         sample = torch.randn(*shape, generator=generator, dtype=torch.float64)
         return sample.requires_grad_()
 
-    diagonal = (
-        1.8 * torch.rand(3, generator=generator, dtype=torch.float64) - 0.9
+    diagonals = (
+        1.8 * torch.rand(3, 3, generator=generator, dtype=torch.float64) - 0.9
     ).requires_grad_()
-    arguments = (draw(6, 4), draw(4, 3), draw(3), draw(3, 4), diagonal)
+    arguments = (draw(6, 4), draw(3, 4, 3), draw(3, 3), draw(3, 3, 4), diagonals)
     assert torch.autograd.gradcheck(_SylvesterRows.apply, arguments)
+    x, encoders, biases, decoders, diagonals = (a.detach() for a in arguments)
+    log_det = torch.zeros(6, dtype=torch.float64)
+    for encoder, bias, decoder, diagonal in zip(
+        encoders, biases, decoders, diagonals, strict=True
+    ):
+        activation = torch.tanh(x @ encoder + bias)
+        log_det += torch.log1p((1 - activation.square()) * diagonal).sum(-1)
+        x = x + activation @ decoder
+    y, stacked_log_det = _SylvesterRows.apply(*arguments)
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-13)
+    torch.testing.assert_close(stacked_log_det, log_det, rtol=0, atol=1e-13)
 
 
 def test_householder_matrix_is_the_product_of_reflections_with_exact_gradients() -> None:
@@ -269,6 +329,12 @@ def test_householder_matrix_is_the_product_of_reflections_with_exact_gradients()
         product = product @ (torch.eye(6, dtype=torch.float64) - 2 * torch.outer(v, v) / v.dot(v))
     torch.testing.assert_close(_HouseholderMatrix.apply(vectors), product, rtol=0, atol=1e-14)
     assert torch.autograd.gradcheck(_HouseholderMatrix.apply, (vectors.requires_grad_(),))
+    stack = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)  # a stack of three
+    torch.testing.assert_close(
+        _HouseholderMatrix.apply(stack),
+        torch.stack([_HouseholderMatrix.apply(v) for v in stack]), rtol=0, atol=1e-14,
+    )
+    assert torch.autograd.gradcheck(_HouseholderMatrix.apply, (stack.requires_grad_(),))
 
 
 def test_shared_projections_backward_matches_finite_differences() -> None:
@@ -277,9 +343,9 @@ def test_shared_projections_backward_matches_finite_differences() -> None:
     def draw(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
 
-    for q_shape in [(6, 4), (4, 4)]:  # bottleneck M < D, and M = D
+    for q_shape in [(6, 4), (4, 4)]:  # bottleneck M < D, and M = D; stacks of two flows
         assert torch.autograd.gradcheck(
-            _SharedProjections.apply, (draw(*q_shape), draw(4, 4), draw(4))
+            _SharedProjections.apply, (draw(2, *q_shape), draw(2, 4, 4), draw(2, 4))
         )
 
 
@@ -345,6 +411,8 @@ def test_no_tensor_is_created_on_the_default_device() -> None:
     context = torch.empty(B, C, device=device)
     for name in CASES:
         for conditional in (False, True):
+            if CASES[name][conditional] is None:
+                continue
             module = CASES[name][conditional]().to(device)
             transform = _transform(module, context)
             y, log_det = transform.call_and_ladj(x)
@@ -356,8 +424,7 @@ def test_no_tensor_is_created_on_the_default_device() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@parametrize_cases
-@parametrize_conditional
+@parametrize_modules
 def test_cuda_matches_cpu(name: str, conditional: bool) -> None:
     module = _build(name, conditional)
     context, x = _inputs(B, C, seed=2), _inputs(S, B, D)
@@ -396,7 +463,8 @@ def test_transformed_distribution_scores_any_point() -> None:
 def test_helpers_build_what_they_say() -> None:
     assert sylvester(D).kind == "orthogonal" and sylvester(D).bottleneck == D
     assert sylvester(40).bottleneck == 32
-    assert sylvester(D, "householder").householder_vectors.shape == (8, D)
+    assert sylvester(D, "householder").householder_vectors.shape == (1, 8, D)
+    assert sylvester(D, "householder", num_flows=3).householder_vectors.shape == (3, 8, D)
     assert householder(D).count_transforms == D // 2 + 1
     with_hidden = conditional_sylvester(D, C, "triangular", hidden_dims=[7])
     assert isinstance(with_hidden.hypernet, torch.nn.Module)
@@ -413,6 +481,7 @@ def test_helpers_build_what_they_say() -> None:
         {"kind": "orthogonal", "bottleneck": D + 1},
         {"kind": "orthogonal", "inverse_max_iter": 0},
         {"kind": "householder", "permute": True},
+        {"kind": "householder", "num_flows": 0},
     ],
 )
 def test_invalid_arguments_are_rejected(arguments: dict) -> None:

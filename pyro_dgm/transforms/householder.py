@@ -101,8 +101,7 @@ class _CompactReflections:
     @functools.cached_property
     def dual(self) -> Tensor:
         """The rows of :math:`T^{-T} U^T`, so that :math:`Q = I - \\mathrm{dual}^T U^T` and
-        :math:`Q^T = I - U \\mathrm{dual}`; computed on first use (:meth:`dense` does not need
-        it)."""
+        :math:`Q^T = I - U \\mathrm{dual}`; computed on first use."""
         gram = self.vectors @ self.vectors.mT
         # T, with U^T U's strict lower triangle left in place: the solve reads the upper one only.
         t = torch.diagonal_scatter(gram, 0.5 * gram.diagonal())
@@ -117,16 +116,11 @@ class _CompactReflections:
     def lmul(self, a: Tensor) -> Tensor:
         return a - self.dual.mT @ (self.vectors @ a)
 
-    def dense(self, like: Tensor | None = None) -> Tensor:
-        """:math:`Q` as a (D, D) matrix (:class:`_HouseholderMatrix`)."""
-        return _HouseholderMatrix.apply(self.vectors)
-
-
 
 class _HouseholderMatrix(torch.autograd.Function):
     """:math:`Q = H_1 \\cdots H_K = I - U T^{-1} U^T` as a (D, D) matrix, from the reflection
-    vectors ``(K, D)`` (the rows of :math:`U^T`; module documentation), with a hand-written
-    backward pass.
+    vectors ``(K, D)`` (the rows of :math:`U^T`; module documentation), or a stack of them,
+    (S, D, D) from (S, K, D), with a hand-written backward pass.
 
     Writing :math:`P = T^{-T} U^T` (K, D), so that :math:`Q = I - P^T U^T`, and :math:`G` for
     the incoming gradient with respect to :math:`Q`, the gradient with respect to :math:`U^T` is
@@ -146,11 +140,11 @@ class _HouseholderMatrix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vectors: Tensor) -> Tensor:
         t = (vectors @ vectors.mT).triu_()
-        t.diagonal().mul_(0.5)
+        t.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         dual = torch.linalg.solve_triangular(t.mT, vectors, upper=False)  # P = T^-T U^T
         eye = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
         ctx.save_for_backward(vectors, t, dual)
-        return torch.addmm(eye, dual.mT, vectors, alpha=-1)
+        return _addmm(vectors)(eye, dual.mT, vectors, alpha=-1)
 
     @staticmethod
     @once_differentiable
@@ -159,9 +153,15 @@ class _HouseholderMatrix(torch.autograd.Function):
         grad_dual = vectors @ grad_q.mT  # -G_P
         solved = torch.linalg.solve_triangular(t, grad_dual, upper=True)  # -T^-1 G_P
         grad_t = (dual @ solved.mT).triu_()  # G_T (the signs cancel)
-        grad_t.diagonal().mul_(0.5)
+        grad_t.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         grad_gram = grad_t + grad_t.mT
-        return torch.addmm(dual @ grad_q, grad_gram, vectors, alpha=-1).add_(solved).neg_()
+        grad = _addmm(vectors)(dual @ grad_q, grad_gram, vectors, alpha=-1)
+        return grad.add_(solved).neg_()
+
+
+def _addmm(like: Tensor):
+    """``torch.addmm`` for matrices, ``torch.baddbmm`` for a stack of them (3 dimensions)."""
+    return torch.addmm if like.dim() == 2 else torch.baddbmm
 
 
 def _householder_product(vectors: Tensor) -> _Reflections | _CompactReflections:
