@@ -112,6 +112,17 @@ def test_w_has_the_exact_distribution(m, kappa):
     assert scipy.stats.kstest(w, exact_w_cdf(m, kappa))[1] > 1e-3
 
 
+@pytest.mark.parametrize("m, kappa", [(4, 1.0), (11, 20.0), (65, 300.0)])
+def test_w_has_the_exact_distribution_in_small_batches(m, kappa):
+    """KS test (p > 1e-3) of w pooled over 60 draws of a batch of 64, the training step's
+    shape: each round's proposals then come from two gamma variates (_proposal_pairs), where
+    a large sample takes the t construction."""
+    torch.manual_seed(m)
+    q = VonMisesFisher(random_unit(m).expand(64, m), torch.full((64,), kappa, dtype=F64))
+    w = torch.cat([q.sample() @ q.loc[0] for _ in range(60)]).numpy()
+    assert scipy.stats.kstest(w, exact_w_cdf(m, kappa))[1] > 1e-3
+
+
 def test_large_dimension_moderate_concentration_mean():
     """m = 100, kappa = 15: E[w] = A_m(kappa) = 0.147; the Taylor-switching envelope of the
     reference code samples E[w] = -0.243 here. Within 4 standard errors."""
@@ -408,6 +419,21 @@ def test_cuda_sampling_log_prob_and_gradients():
     score = q.score_parts(z).score_function
     (z.sum() + (score - score.detach()).sum()).backward()
     assert concentration.grad.device.type == "cuda" and torch.isfinite(concentration.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (4096, 1)], ids=["two gammas", "t"])
+@pytest.mark.parametrize("a", [0.5, 5.0, 32.0])
+def test_proposal_pairs_are_symmetric_beta(shape, a):
+    """eps = P_1 / (P_1 + P_2) of both proposal sources is Beta(a, a): KS test, p > 1e-3, over
+    20 draws of each shape."""
+    from pyro_dgm.distributions.von_mises_fisher import _proposal_pairs
+
+    torch.manual_seed(13)
+    like = torch.zeros((), dtype=F64)
+    pairs = torch.cat([_proposal_pairs(like, shape, a).reshape(-1, 2) for _ in range(20)])
+    assert (pairs > 0).all()
+    eps = (pairs[:, 0] / pairs.sum(-1)).numpy()
+    assert scipy.stats.kstest(eps, scipy.stats.beta(a, a).cdf).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("a", [0.5, 1.0, 5.0, 32.0])

@@ -504,11 +504,13 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     """Batched rejection: returns the first accepted eps ~ Beta((m-1)/2, (m-1)/2) per element,
     and 1 - eps.
 
+    Proposals come as pairs (P_1, P_2) with eps = P_1 / (P_1 + P_2) (:func:`_proposal_pairs`).
     Wood's test log u <= kappa w + (m-1) log(1 - x0 w) - c, with x0 = (1-b)/(1+b), is
-    rewritten in eps so that nothing of size kappa cancels:
+    rewritten in them so that nothing of size kappa cancels and no division by P_1 + P_2 is
+    needed before a proposal is accepted:
 
-        log u <= s (1 - 2 eps) / D + (m-1) log((1 + b) / (2 D)),   D = 1 - (1 - b) eps,
-        s = 2 kappa b / (1 + b),
+        log u <= s (P_2 - P_1) / E + (m-1) log((1 + b) (P_1 + P_2) / (2 E)),
+        E = P_2 + b P_1 = (P_1 + P_2) (1 - (1 - b) eps),   s = 2 kappa b / (1 + b),
 
     with the per-element s and (1 + b) / 2 computed once. Each round draws several proposals
     for every element still rejected (about 512 in all in the first round, then twice as many
@@ -526,39 +528,58 @@ def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Ten
     # measured at least 0.68 (m from 4 to 65, kappa up to 1e5; it levels off by 1000), so with 8
     # proposals each (a batch of 64) one round suffices with probability 1 - 64 * 0.32^8 > 0.99.
     per_element = max(1, min(16, 512 // max(count, 1)))
-    accepted_pair = pending = None  # (2, count): eps and 1 - eps
+    accepted_pair = pending = None  # (count, 2): eps and 1 - eps
     b_pending, scale_pending, half_pending = b, scale, half_one_plus_b
     while True:
-        pair = _symmetric_beta_pair(b.new_full((b_pending.shape[0], per_element), half))
-        eps, eps_complement = pair
-        denominator = torch.addcmul(eps_complement, b_pending.unsqueeze(-1), eps)
+        pairs = _proposal_pairs(b, (b_pending.shape[0], per_element), half)  # (n, k, 2)
+        first, second = pairs.unbind(-1)
+        denominator = torch.addcmul(second, b_pending.unsqueeze(-1), first)  # E
         log_accept = torch.addcmul(
-            torch.log(half_pending.unsqueeze(-1) / denominator).mul_(dim - 1),
+            (first + second).mul_(half_pending.unsqueeze(-1)).div_(denominator).log_()
+            .mul_(dim - 1),
             scale_pending.unsqueeze(-1),
-            (eps_complement - eps).div_(denominator),
+            (second - first).div_(denominator),
         )
-        accepted = log_accept >= torch.rand_like(eps).log_()  # log u, u ~ U(0, 1)
+        accepted = log_accept >= torch.rand_like(log_accept).log_()  # log u, u ~ U(0, 1)
         if per_element == 1:
-            chosen, done = pair[..., 0], accepted[..., 0]
+            chosen, done = pairs[:, 0], accepted[:, 0]
         else:
-            first = accepted.to(torch.uint8).argmax(-1, keepdim=True)
-            chosen = pair.gather(-1, first.expand(2, -1, -1)).squeeze(-1)
+            which = accepted.to(torch.uint8).argmax(-1, keepdim=True)
+            chosen = pairs.gather(1, which.unsqueeze(-1).expand(-1, -1, 2)).squeeze(1)
             done = accepted.any(-1)
+        chosen = chosen / chosen.sum(-1, keepdim=True)  # (eps, 1 - eps)
         if pending is None:  # first round: every element, no indexing needed
             if bool(done.all()):  # the usual case: a single round, no bookkeeping
-                return chosen[0], chosen[1]
+                return chosen.unbind(-1)
             accepted_pair = chosen
             pending = torch.arange(count, device=b.device)
         else:
-            accepted_pair[:, pending] = torch.where(done, chosen, accepted_pair[:, pending])
+            accepted_pair[pending] = torch.where(done.unsqueeze(-1), chosen,
+                                                 accepted_pair[pending])
         still = (~done).nonzero().squeeze(-1)
         if still.numel() == 0:
-            return accepted_pair[0], accepted_pair[1]
+            return accepted_pair.unbind(-1)
         pending = pending[still]
         b_pending, scale_pending, half_pending = (
             t[still] for t in (b_pending, scale_pending, half_pending)
         )
         per_element = min(2 * per_element, 64)
+
+
+# Up to this many proposals a round, two gamma variates per proposal (one operation, and no
+# normalization before the test) take less time than one gamma and one normal variate and the
+# dozen operations of the t construction; beyond, the variates' own cost dominates.
+_TWO_GAMMA_PROPOSALS = 1024
+
+
+def _proposal_pairs(like: Tensor, shape: tuple[int, int], half: float) -> Tensor:
+    """Proposals eps ~ Beta(a, a), a = ``half``, as pairs (P_1, P_2) of shape ``shape + (2,)``
+    with eps = P_1 / (P_1 + P_2) and 1 - eps = P_2 / (P_1 + P_2), both free of cancellation:
+    two Gamma(a) variates for small rounds, else :func:`_symmetric_beta_pair` (P_1 + P_2 = 1).
+    """
+    if shape[0] * shape[1] <= _TWO_GAMMA_PROPOSALS:
+        return torch._standard_gamma(like.new_full((*shape, 2), half))
+    return _symmetric_beta_pair(like.new_full(shape, half)).movedim(0, -1)
 
 
 def _symmetric_beta_pair(half: Tensor) -> Tensor:
