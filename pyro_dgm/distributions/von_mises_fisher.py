@@ -221,12 +221,10 @@ class VonMisesFisher(TorchDistribution):
         normalizer = ratio = None
         if self.gradient == "rsvi" and torch.is_grad_enabled() and concentration.requires_grad:
             log_normalized, ratio = self._bessel_values
-            dtype = concentration.dtype
-            normalizer = (log_normalized + log_sphere_surface_area(self._dim)).to(dtype)
+            normalizer = log_normalized + log_sphere_surface_area(self._dim)  # float64
             if normalizer.shape != concentration.shape:
                 normalizer = normalizer.expand(shape[:-1]).reshape(-1)
                 ratio = ratio.expand(shape[:-1]).reshape(-1)
-            ratio = ratio.to(dtype)
         sample, score = _ReparameterizedSample.apply(
             loc, concentration, proposal, complement, b, tangent, self._dim, normalizer, ratio
         )
@@ -321,9 +319,10 @@ def _wood_map(
     :class:`_WoodTransform`."""
     denominator = torch.addcmul(complement, b, proposal)  # D = 1 - (1 - b) eps, no cancellation
     b_proposal = b * proposal
-    w = 1 - 2 * b_proposal / denominator
-    sqrt_one_minus_w2 = 2 * (b_proposal * complement).sqrt() / denominator
-    score = concentration * w + 0.5 * (dim - 1) * b.log() - (dim - 1) * denominator.log()
+    w = (b_proposal / denominator).mul_(-2).add_(1)
+    sqrt_one_minus_w2 = (b_proposal * complement).sqrt_().mul_(2).div_(denominator)
+    # kappa w + (m - 1) (log(b) / 2 - log D)
+    score = torch.add(concentration * w, (b.sqrt() / denominator).log_(), alpha=dim - 1)
     return w, sqrt_one_minus_w2, score, denominator
 
 
@@ -452,7 +451,7 @@ class _ReparameterizedSample(torch.autograd.Function):
     (:class:`_RotateFromPole`), returning the sample :math:`z` (n, m) and the accepted
     proposals' score (n,).
 
-    ``normalizer`` and ``ratio`` (n,), when given (no gradient), are
+    ``normalizer`` and ``ratio`` (n,), when given (float64, no gradient), are
     :math:`-\\log C_m(\\kappa)` and :math:`A_m(\\kappa)`: the score is then the proposal's
     full log-density, its normalizer subtracted, with derivative :math:`-A_m` for it. One node,
     one hand-written backward pass, where the two Functions and the normalizer took three
@@ -475,8 +474,8 @@ class _ReparameterizedSample(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         w, root, score, denominator = _wood_map(concentration, proposal, complement, b, dim)
         z, rotation = _rotate(loc, w, root, tangent)
-        if normalizer is not None:
-            score = score - normalizer
+        if normalizer is not None:  # float64, as the ratio
+            score = score.sub(normalizer).to(score.dtype)
         ctx.dim = dim
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(concentration, proposal, complement, b, denominator, w, root,
@@ -495,8 +494,8 @@ class _ReparameterizedSample(torch.autograd.Function):
         if grad_w is None and grad_score is None:
             return (None,) * 9
         grad_concentration = _wood_map_backward(wood, ctx.dim, grad_w, grad_root, grad_score)
-        if grad_score is not None and ratio is not None:
-            grad_concentration = grad_concentration - grad_score * ratio
+        if grad_score is not None and ratio is not None:  # ratio in float64
+            grad_concentration.sub_(grad_score * ratio)
         return grad_loc, grad_concentration, None, None, None, None, None, None, None
 
 

@@ -226,6 +226,7 @@ class VAE(PyroModule):
         self.flow = flow
         self.num_flows = num_flows if flow is not None else 0
         self.prior_kind = prior
+        self._fixed_priors: dict[tuple, pyro_dist.TorchDistribution] = {}
         #: the learned prior's module (None for the fixed priors)
         self.prior_module: nn.Module | None = None
         if prior == "vamp":
@@ -275,13 +276,27 @@ class VAE(PyroModule):
             prior = self.prior_module(self.posterior)
         elif self.prior_module is not None:
             prior = self.prior_module()
-        elif self.latent == "vmf":
-            prior = HypersphericalUniform(self.event_dim, dtype=like.dtype, device=like.device)
         else:
-            # both parameters tensors: a Python 1.0 would be copied to the device every step
-            prior = pyro_dist.Normal(like.new_zeros(()), like.new_ones(()))
-            prior = prior.expand([self.event_dim]).to_event(1)
+            return self._fixed_prior(batch_size, like)
         return prior if batch_size is None else prior.expand([batch_size])
+
+    def _fixed_prior(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
+        """The parameter-free prior, built once per batch size, dtype, device and validation
+        setting (distributions are immutable): none of its construction in a training step."""
+        validation = torch.distributions.Distribution._validate_args
+        key = (batch_size, like.dtype, like.device, validation)
+        prior = self._fixed_priors.get(key)
+        if prior is None:
+            if self.latent == "vmf":
+                prior = HypersphericalUniform(self.event_dim, dtype=like.dtype,
+                                              device=like.device)
+            else:
+                prior = pyro_dist.Normal(like.new_zeros(()), like.new_ones(()))
+                prior = prior.expand([self.event_dim]).to_event(1)
+            if batch_size is not None:
+                prior = prior.expand([batch_size])
+            self._fixed_priors[key] = prior
+        return prior
 
     def decode(self, z: Tensor) -> Tensor:
         """Bernoulli logits of :math:`p(x \\mid z)`, shape ``z.shape[:-1] + (input_dim,)``."""
