@@ -278,8 +278,8 @@ def _debye_and_recurrence(
 
 
 @functools.lru_cache(maxsize=64)
-def _octave_table(v: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The coefficients (E, 2, P) and the exponents 0 .. P - 1 (P,), float64 on ``device``:
+def _octave_table(v: float, device: torch.device) -> Tensor:
+    """The coefficients (E, 2, P), float64 on ``device``:
     for each exponent e of ``_OCTAVE_EXPONENTS``, the coefficients in powers of t of the
     polynomials of degree P - 1 that interpolate log 0F1(; v + 1; x^2 / 4) and
     I_{v+1}(x) / I_v(x) over x = (t + 3 / 4) 2^e, t in [-1/4, 1/4) (x's mantissa less 3/4),
@@ -302,19 +302,22 @@ def _octave_table(v: float, device: torch.device) -> tuple[Tensor, Tensor]:
         monomial.append([2 * (last[i - 1] if i else 0) - previous[i] for i in range(points)])
     to_powers = chebyshev.T @ torch.tensor(monomial, dtype=torch.float64) * 4.0**k  # (k, power)
     table = torch.einsum("ekf,kp->efp", values, to_powers)
-    return table.to(device), k.to(device)
+    return table.to(device)
 
 
 def _octave_normalized_and_ratio(v: float, x: Tensor) -> tuple[Tensor, Tensor]:
     """log 0F1(; v + 1; x^2 / 4) and I_{v+1}(x) / I_v(x) in float64 for one order v and x of a
     floating type of at most float32's range, from :func:`_octave_table`; 0 at x = 0 and NaN
     for negative or NaN x."""
-    table, exponents = _octave_table(v, x.device)
+    table = _octave_table(v, x.device)
     flat = x.reshape(-1).float()
     mantissa, exponent = torch.frexp(flat)
-    powers = torch.pow((mantissa - 0.75).double().unsqueeze(-1), exponents)  # (n, P), exact t
+    t = (mantissa - 0.75).double().unsqueeze(-1)  # exact
+    powers = t.expand(-1, _OCTAVE_POINTS - 1).cumprod(-1)  # t^1 .. t^(P-1), (n, P - 1)
     coefficients = table.index_select(0, exponent.sub_(_OCTAVE_EXPONENTS.start))  # (n, 2, P)
-    values = torch.bmm(coefficients, powers.unsqueeze(-1)).squeeze(-1)
+    values = torch.baddbmm(
+        coefficients[..., :1], coefficients[..., 1:], powers.unsqueeze(-1)
+    ).squeeze(-1)
     # 0 (sqrt(0)) at x = 0, where frexp gives no octave, and NaN for x < 0 (sqrt(x < 0))
     column = flat.unsqueeze(-1)
     normalized, ratio = torch.where(column > 0, values, column.sqrt()).unbind(-1)

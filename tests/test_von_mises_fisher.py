@@ -301,6 +301,23 @@ def test_wood_transform_backward_matches_finite_differences(m):
     assert torch.autograd.gradcheck(transform, (kappa.clone().requires_grad_(),))
 
 
+def test_score_normalizer_derivative_matches_finite_differences():
+    """score - log 0F1(kappa) - log|S|, with kappa broadcast over a sample dimension: the
+    hand-written derivative -A_m(kappa) of _SubtractNormalizer against finite differences."""
+    from pyro_dgm.distributions.von_mises_fisher import _SubtractNormalizer
+    from pyro_dgm.special import log_bessel_iv_normalized_and_ratio_values
+
+    m = 7
+
+    def subtract(score, kappa):
+        values = log_bessel_iv_normalized_and_ratio_values(0.5 * m - 1, kappa)
+        return _SubtractNormalizer.apply(score, kappa, *values, log_sphere_surface_area(m))
+
+    score = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    kappa = torch.tensor([0.05, 1.0, 30.0, 700.0], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(subtract, (score, kappa))
+
+
 def test_rotation_from_the_pole_matches_finite_differences_and_maps_e1_to_loc():
     torch.manual_seed(1)
     loc = random_unit(6, 8)

@@ -11,6 +11,7 @@ from torch.distributions.utils import lazy_property
 
 from pyro_dgm.distributions.hyperspherical_uniform import log_sphere_surface_area
 from pyro_dgm.special import (
+    _sum_to_shape,
     log_bessel_iv_normalized_and_ratio,
     log_bessel_iv_normalized_and_ratio_values,
 )
@@ -216,22 +217,13 @@ class VonMisesFisher(TorchDistribution):
             b = _envelope_b(concentration, self._dim)
             proposal, complement = _accepted_proposals(b, concentration, self._dim)
             tangent = _unit_normal(loc.shape[0], self._dim - 1, loc)
-        # The score's normalizer, with its derivative, when a gradient will be asked of it:
-        # the same Bessel evaluation then serves the KL divergence.
-        normalizer = ratio = None
-        if self.gradient == "rsvi" and torch.is_grad_enabled() and concentration.requires_grad:
-            log_normalized, ratio = self._bessel_values
-            normalizer = log_normalized + log_sphere_surface_area(self._dim)  # float64
-            if normalizer.shape != concentration.shape:
-                normalizer = normalizer.expand(shape[:-1]).reshape(-1)
-                ratio = ratio.expand(shape[:-1]).reshape(-1)
         sample, score = _ReparameterizedSample.apply(
-            loc, concentration, proposal, complement, b, tangent, self._dim, normalizer, ratio
+            loc, concentration, proposal, complement, b, tangent, self._dim
         )
         sample = sample.reshape(shape)
-        # Remember the accepted proposals' score (attached to the graph) for
-        # score_parts(sample); see its docstring.
-        self._sample_cache = (sample, score.reshape(shape[:-1]), normalizer is not None)
+        # Remember the accepted proposals' score (attached to the graph, without the
+        # normalizer) for score_function(sample); see its docstring.
+        self._sample_cache = (sample, score.reshape(shape[:-1]))
         return sample
 
     def score_parts(self, value: Tensor) -> ScoreParts:
@@ -261,14 +253,17 @@ class VonMisesFisher(TorchDistribution):
         if self.gradient == "pathwise" or self._dim == 3:
             return 0
         if self._sample_cache is not None and self._sample_cache[0] is value:
-            _, score, normalized = self._sample_cache
-            return score if normalized else score - self._log_normalizer_negated
-        proposal, complement, b = self._recover_proposal(value)
-        concentration = self.concentration.expand(proposal.shape)
-        score = _WoodTransform.apply(
-            concentration, proposal, complement, self._dim, b.expand(proposal.shape)
-        )[2]
-        return score - self._log_normalizer_negated
+            score = self._sample_cache[1]
+        else:
+            proposal, complement, b = self._recover_proposal(value)
+            concentration = self.concentration.expand(proposal.shape)
+            score = _WoodTransform.apply(
+                concentration, proposal, complement, self._dim, b.expand(proposal.shape)
+            )[2]
+        log_normalized, ratio = self._bessel_values
+        return _SubtractNormalizer.apply(
+            score, self.concentration, log_normalized, ratio, log_sphere_surface_area(self._dim)
+        )
 
     @torch.no_grad()
     def _recover_proposal(self, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -449,14 +444,9 @@ class _ReparameterizedSample(torch.autograd.Function):
     """The whole differentiable part of :meth:`VonMisesFisher.rsample` as one node: Wood's map
     of the accepted proposals (:class:`_WoodTransform`) followed by the rotation from the pole
     (:class:`_RotateFromPole`), returning the sample :math:`z` (n, m) and the accepted
-    proposals' score (n,).
-
-    ``normalizer`` and ``ratio`` (n,), when given (float64, no gradient), are
-    :math:`-\\log C_m(\\kappa)` and :math:`A_m(\\kappa)`: the score is then the proposal's
-    full log-density, its normalizer subtracted, with derivative :math:`-A_m` for it. One node,
-    one hand-written backward pass, where the two Functions and the normalizer took three
-    (training steps at n = 64 are bound by the count of small operations). Not itself
-    differentiable.
+    proposals' score without its normalizer (n,). One node and one hand-written backward pass
+    where the two Functions took two (training steps at n = 64 are bound by the count of small
+    operations). Not itself differentiable.
     """
 
     @staticmethod
@@ -469,34 +459,54 @@ class _ReparameterizedSample(torch.autograd.Function):
         b: Tensor,
         tangent: Tensor,
         dim: int,
-        normalizer: Tensor | None,
-        ratio: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         w, root, score, denominator = _wood_map(concentration, proposal, complement, b, dim)
         z, rotation = _rotate(loc, w, root, tangent)
-        if normalizer is not None:  # float64, as the ratio
-            score = score.sub(normalizer).to(score.dtype)
         ctx.dim = dim
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(concentration, proposal, complement, b, denominator, w, root,
-                              tangent, *rotation, ratio)
+                              tangent, *rotation)
         return z, score
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z: Tensor | None, grad_score: Tensor | None):
-        *wood, tangent, u, x, c, norm2, negative, ratio = ctx.saved_tensors
+        *wood, tangent, u, x, c, norm2, negative = ctx.saved_tensors
         grad_loc = grad_w = grad_root = None
         if grad_z is not None:
             grad_loc, grad_w, grad_root = _rotate_backward(
                 (u, x, c, norm2, negative), tangent, grad_z
             )
         if grad_w is None and grad_score is None:
-            return (None,) * 9
+            return grad_loc, None, None, None, None, None, None
         grad_concentration = _wood_map_backward(wood, ctx.dim, grad_w, grad_root, grad_score)
-        if grad_score is not None and ratio is not None:  # ratio in float64
-            grad_concentration.sub_(grad_score * ratio)
-        return grad_loc, grad_concentration, None, None, None, None, None, None, None
+        return grad_loc, grad_concentration, None, None, None, None, None
+
+
+class _SubtractNormalizer(torch.autograd.Function):
+    """The proposal's score less the vMF normalizer, :math:`\\mathrm{score} - \\log
+    {}_0F_1(; m/2; \\kappa^2/4) - \\log|S^{m-1}|`, from the float64 ``log_normalized`` and
+    ``ratio`` :math:`A_m(\\kappa)` already evaluated (no gradient): the derivative in
+    :math:`\\kappa` of the subtracted part is :math:`-A_m`. Returned in the score's dtype; one
+    node where attaching the Bessel terms' derivatives and subtracting took several. Not
+    itself differentiable."""
+
+    @staticmethod
+    def forward(ctx, score: Tensor, concentration: Tensor, log_normalized: Tensor,
+                ratio: Tensor, log_area: float) -> Tensor:
+        ctx.save_for_backward(ratio)
+        ctx.concentration_shape = concentration.shape
+        return score.sub(log_normalized).sub_(log_area).to(score.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (ratio,) = ctx.saved_tensors
+        concentration_shape = ctx.concentration_shape
+        grad_concentration = (grad * ratio).neg_().to(grad.dtype)
+        if grad_concentration.shape != concentration_shape:  # a sample shape or broadcast
+            grad_concentration = _sum_to_shape(grad_concentration, concentration_shape)
+        return grad, grad_concentration, None, None, None
 
 
 def _accepted_proposals(b: Tensor, concentration: Tensor, dim: int) -> tuple[Tensor, Tensor]:
