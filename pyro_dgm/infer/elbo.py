@@ -76,7 +76,7 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
         return model_trace, guide_trace
 
     def _particle_elbo(self, model_trace, guide_trace) -> Tensor:
-        elbo = 0.0
+        terms = _Sum()  # the ELBO estimate, term by term
         cost = MultiFrameTensor()  # detached terms that multiply the score functions
         stacks = get_plate_stacks(model_trace)
         guide_sites = [
@@ -88,20 +88,21 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
                 continue
             if model_site["is_observed"]:
                 log_prob = _log_prob(model_site)
-                elbo = elbo + model_site["log_prob_sum"]
+                terms.add(model_site["log_prob_sum"])
                 cost.add((stacks[name], log_prob.detach()))
                 continue
             guide_site = guide_trace.nodes[name]
             kl = _analytic_kl(guide_site, model_site)
             if kl is not None:
-                elbo = elbo - kl.sum()
+                terms.subtract(kl.sum())
                 continue
             guide_log_prob = _score_parts(guide_site).log_prob
             entropy_term = guide_site["score_parts"].entropy_term
             if is_identically_zero(entropy_term):  # not reparameterized: value only
                 entropy_term = guide_log_prob.detach()
             log_prob = _log_prob(model_site)
-            elbo = elbo + model_site["log_prob_sum"] - entropy_term.sum()
+            terms.add(model_site["log_prob_sum"])
+            terms.subtract(entropy_term.sum())
             cost.add((stacks[name], (log_prob - guide_log_prob).detach()))
 
         for guide_site in guide_sites:
@@ -109,7 +110,7 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
                 continue
             # auxiliary guide sites: -log q, Monte Carlo
             parts = _score_parts(guide_site)
-            elbo = elbo - parts.entropy_term.sum()
+            terms.subtract(parts.entropy_term.sum())
             frames = [f for f in guide_site["cond_indep_stack"] if f.vectorized]
             cost.add((frames, -parts.log_prob.detach()))
 
@@ -119,17 +120,18 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
                 continue
             downstream = cost.sum_to(guide_site["cond_indep_stack"])
             # zero-valued: contributes the gradient cost * d score, nothing to the value
-            elbo = elbo + (downstream * (score - score.detach())).sum()
-        return elbo
+            terms.add((downstream * (score - score.detach())).sum())
+        return terms.total
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """The negative ELBO estimate (nats, summed over the data in the plates, scaled by
         subsampling), differentiable with unbiased gradients; no host synchronisation."""
-        elbo = 0.0
+        elbo = _Sum()
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            elbo = elbo + self._particle_elbo(model_trace, guide_trace)
-        loss = -elbo / self.num_particles
-        return loss
+            elbo.add(self._particle_elbo(model_trace, guide_trace))
+        if self.num_particles == 1:
+            return -elbo.total
+        return elbo.total / -self.num_particles
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The negative ELBO estimate as a Python float."""
@@ -153,6 +155,20 @@ def _analytic_kl(guide_site: dict, model_site: dict) -> Tensor | None:
     except NotImplementedError:
         return None
     return scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+
+
+class _Sum:
+    """A running sum of tensors that starts from its first term (not from 0.0, which would
+    cost an operation and a graph node)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | float = 0.0
+
+    def add(self, term: Tensor) -> None:
+        self.total = term if isinstance(self.total, float) else self.total + term
+
+    def subtract(self, term: Tensor) -> None:
+        self.total = -term if isinstance(self.total, float) else self.total - term
 
 
 def _log_prob(site: dict) -> Tensor:
