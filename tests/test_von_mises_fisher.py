@@ -279,6 +279,39 @@ def test_svi_gradients_are_unbiased(loss, validation):
     assert abs(grads.mean() - exact) < 4 * grads.std() / math.sqrt(len(grads))
 
 
+@pytest.mark.parametrize("loss", [TraceAnalyticKL_ELBO, pyro.infer.Trace_ELBO])
+def test_to_event_keeps_the_score_function(loss):
+    """Two vMF components of one event (to_event): Pyro's Independent would drop the score
+    function; ours sums it, so the ELBO gradient 2 (c - kappa) A'(kappa) of the example above
+    is still unbiased (4 standard errors over 20 estimates)."""
+    m, c, kappa = 5, 6.0, 2.0
+    loc = torch.eye(m, dtype=F64)[0]
+
+    def model(concentration):
+        z = pyro.sample("z", HypersphericalUniform(m, dtype=F64).expand([2]).to_event(1))
+        pyro.factor("likelihood", c * (z @ loc).sum(-1))
+
+    def guide(concentration):
+        pyro.sample("z", VonMisesFisher(loc.expand(2, m), concentration.expand(2)).to_event(1))
+
+    elbo = loss(num_particles=2000, vectorize_particles=True, max_plate_nesting=0)
+    torch.manual_seed(0)
+    grads = []
+    for _ in range(20):
+        concentration = torch.tensor(kappa, dtype=F64, requires_grad=True)
+        loss_value = elbo.differentiable_loss(model, guide, concentration)
+        grads.append(-torch.autograd.grad(loss_value, concentration)[0])
+    grads = torch.stack(grads)
+    exact = 2 * (c - kappa) * exact_mean_derivative(m, kappa)
+    assert abs(grads.mean() - exact) < 4 * grads.std() / math.sqrt(len(grads))
+    q = VonMisesFisher(loc.expand(2, 3, m), torch.full((2, 3), kappa, dtype=F64))
+    independent = q.to_event(1).to_event(1)  # nested: one Independent over both dimensions
+    z = independent.rsample()
+    assert independent.event_shape == (2, 3, m) and independent.to_event(0) is independent
+    torch.testing.assert_close(independent.score_parts(z).score_function,
+                               q.score_function(z).sum((-2, -1)))
+
+
 @pytest.mark.parametrize("m", [4, 11])
 def test_wood_transform_backward_matches_finite_differences(m):
     """The hand-written derivatives in kappa of w, sqrt(1 - w^2) and the proposal's score,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions import Independent, TorchDistribution, constraints
 from pyro.distributions.score_parts import ScoreParts
+from pyro.distributions.util import is_identically_zero, sum_rightmost
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributions.utils import lazy_property
@@ -31,14 +32,16 @@ class VonMisesFisher(TorchDistribution):
 
     **Sampling** is exact. The component :math:`w = \\mu^\\top z` is drawn by Wood's (1994)
     rejection sampler with proposal :math:`\\varepsilon \\sim \\mathrm{Beta}((m-1)/2, (m-1)/2)`
-    (drawn from one gamma and one normal variate, through Student's t),
+    (from two gamma variates in small rounds, from one gamma and one normal variate through
+    Student's t in large ones),
     :math:`w = h(\\varepsilon, \\kappa) = (1 - (1+b)\\varepsilon) / (1 - (1-b)\\varepsilon)`
     and the envelope parameter written without cancellation,
     :math:`b = (m-1) / (2\\kappa + \\sqrt{4\\kappa^2 + (m-1)^2})`; the acceptance test and
     :math:`1 - w^2` are rewritten in :math:`\\varepsilon` so that nothing of size
     :math:`\\kappa` is subtracted. For :math:`m = 3`, :math:`w` is drawn by exact inversion of its
     CDF. Rejection runs batched, with several proposals per element per round and only the
-    still-rejected elements carried to the next round (one host synchronisation per round). The
+    still-rejected elements carried to the next round (one host synchronisation per round; a
+    batch of 64 takes one round with probability above 0.99). The
     tangent direction is a normalized Gaussian; the Householder reflection that maps
     :math:`e_1` to :math:`\\mu` uses :math:`u = e_1 \\pm \\mu` with the sign of :math:`\\mu_1`, so
     :math:`\\|u\\|^2 \\ge 2` and no epsilon is needed: samples lie on the sphere to rounding.
@@ -59,7 +62,10 @@ class VonMisesFisher(TorchDistribution):
     **Numerics**: the log-normalizer is :math:`\\log C_m(\\kappa) = -\\log|S^{m-1}| -
     \\log {}_0F_1(; m/2; \\kappa^2/4)` (:func:`~pyro_dgm.special.log_bessel_iv_normalized`), finite
     and smooth down to :math:`\\kappa = 0`, where the distribution is the uniform one.
-    Bessel functions are evaluated in float64 on the parameters' device.
+    Bessel functions are evaluated once per instance on the parameters' device, with float64
+    results (for float32 parameters from :mod:`pyro_dgm.special`'s octave tables, accurate to
+    about :math:`10^{-11}`), and shared by ``log_prob``, ``entropy``, the score function and the
+    KL divergences.
 
     :param torch.Tensor loc: mean direction :math:`\\mu`, shape ``(..., m)`` with :math:`m \\ge 2`,
         unit norm.
@@ -140,6 +146,18 @@ class VonMisesFisher(TorchDistribution):
         super(VonMisesFisher, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
+
+    def to_event(self, reinterpreted_batch_ndims: int | None = None) -> TorchDistribution:
+        """As Pyro's ``to_event``, but the :class:`~pyro.distributions.Independent` it returns
+        keeps the score function (Pyro's inherits the default ``score_parts``, which would drop
+        the rejection-sampling correction term and bias the gradients)."""
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        if reinterpreted_batch_ndims < 0:
+            raise ValueError(f"cannot remove event dimensions from {type(self).__name__}")
+        if reinterpreted_batch_ndims == 0:
+            return self
+        return _ScoredIndependent(self, reinterpreted_batch_ndims)
 
     @property
     def _dim(self) -> int:
@@ -273,6 +291,29 @@ class VonMisesFisher(TorchDistribution):
         b = _envelope_b(self.concentration, self._dim)
         denominator = (1 + b) - (1 - b) * w
         return (1 - w) / denominator, b * (1 + w) / denominator, b
+
+
+class _ScoredIndependent(Independent):
+    """:class:`~pyro.distributions.Independent` over a :class:`VonMisesFisher` that keeps its
+    score function, summed over the reinterpreted dimensions as the log-density is."""
+
+    def score_function(self, value: Tensor) -> Tensor | int:
+        score = self.base_dist.score_function(value)
+        if is_identically_zero(score):
+            return score
+        return sum_rightmost(score, self.reinterpreted_batch_ndims)
+
+    def score_parts(self, value: Tensor) -> ScoreParts:
+        log_prob = self.log_prob(value)
+        return ScoreParts(log_prob=log_prob, score_function=self.score_function(value),
+                          entropy_term=log_prob)
+
+    def to_event(self, reinterpreted_batch_ndims: int | None = None) -> TorchDistribution:
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        if reinterpreted_batch_ndims == 0:
+            return self
+        return self.base_dist.to_event(reinterpreted_batch_ndims + self.reinterpreted_batch_ndims)
 
 
 def _envelope_b(concentration: Tensor, dim: int) -> Tensor:
