@@ -64,7 +64,8 @@ class TraceAnalyticKL_ELBO(Trace_ELBO):
         Pyro's own (its checks, and every site's log-density computed up front); without,
         the bare traces: :meth:`_particle_elbo` then computes only the log-densities it uses
         (none for a latent site whose KL is analytic, nor a score for a fully reparameterized
-        one), which is most of Pyro's cost per step in a small model."""
+        one; in a VAE, the prior's and the posterior's log-densities are never evaluated), and
+        the traces are not copied to drop their subsample sites."""
         if is_validation_enabled() or isinstance(
             poutine.unwrap(guide), poutine.messenger.Messenger
         ):
