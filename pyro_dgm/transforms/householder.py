@@ -139,29 +139,42 @@ class _HouseholderMatrix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vectors: Tensor) -> Tensor:
+        ctx.stack_of_one = _is_stack_of_one(vectors)
+        if ctx.stack_of_one:
+            vectors = vectors[0]
         t = (vectors @ vectors.mT).triu_()
         t.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         dual = torch.linalg.solve_triangular(t.mT, vectors, upper=False)  # P = T^-T U^T
         eye = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
         ctx.save_for_backward(vectors, t, dual)
-        return _addmm(vectors)(eye, dual.mT, vectors, alpha=-1)
+        q = _addmm(vectors)(eye, dual.mT, vectors, alpha=-1)
+        return q.unsqueeze(0) if ctx.stack_of_one else q
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_q: Tensor) -> Tensor:
         vectors, t, dual = ctx.saved_tensors
+        if ctx.stack_of_one:
+            grad_q = grad_q[0]
         grad_dual = vectors @ grad_q.mT  # -G_P
         solved = torch.linalg.solve_triangular(t, grad_dual, upper=True)  # -T^-1 G_P
         grad_t = (dual @ solved.mT).triu_()  # G_T (the signs cancel)
         grad_t.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         grad_gram = grad_t + grad_t.mT
-        grad = _addmm(vectors)(dual @ grad_q, grad_gram, vectors, alpha=-1)
-        return grad.add_(solved).neg_()
+        grad = _addmm(vectors)(dual @ grad_q, grad_gram, vectors, alpha=-1).add_(solved).neg_()
+        return grad.unsqueeze(0) if ctx.stack_of_one else grad
 
 
 def _addmm(like: Tensor):
     """``torch.addmm`` for matrices, ``torch.baddbmm`` for a stack of them (3 dimensions)."""
     return torch.addmm if like.dim() == 2 else torch.baddbmm
+
+
+def _is_stack_of_one(tensor: Tensor) -> bool:
+    """Whether a stack of matrices (3 dimensions) holds just one: computed as a matrix, whose
+    unbatched kernels (GEMM, triangular solve) took 10 to 15% less time than batched ones of
+    one (D = 64, two threads)."""
+    return tensor.dim() == 3 and tensor.shape[0] == 1
 
 
 def _householder_product(vectors: Tensor) -> _Reflections | _CompactReflections:

@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.distributions import Transform, constraints
 
-from .householder import _householder_product, _HouseholderMatrix
+from .householder import _addmm, _householder_product, _HouseholderMatrix, _is_stack_of_one
 
 Kind = Literal["orthogonal", "householder", "triangular"]
 
@@ -263,7 +263,8 @@ class _SylvesterRows(torch.autograd.Function):
         saved = []
         log_det = None
         for encoder, bias, decoder, diagonal_4 in zip(
-            encoders, biases, decoders, diagonals_4, strict=True
+            encoders.unbind(0), biases.unbind(0), decoders.unbind(0), diagonals_4.unbind(0),
+            strict=True,
         ):
             s = torch.addmm(bias, x, encoder, beta=2, alpha=2).sigmoid_()
             u = torch.addcmul(s, s, s, value=-1)  # h' / 4
@@ -281,28 +282,31 @@ class _SylvesterRows(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, grad_log_det: Tensor) -> tuple[Tensor | None, ...]:
         encoders, decoders, diagonals_4, *saved = ctx.saved_tensors
         count = encoders.shape[0]
-        grad_encoders = torch.empty_like(encoders)
-        grad_biases = encoders.new_empty(encoders.shape[::2])  # (K, M)
-        grad_decoders = torch.empty_like(decoders)
-        grad_diagonals = torch.empty_like(diagonals_4)
         grad_log_det = grad_log_det.unsqueeze(-1)
-        for k in reversed(range(count)):
-            x, activation, u, one_plus = saved[4 * k: 4 * k + 4]
+        grads: list[tuple[Tensor, ...]] = []  # per flow, last first
+        for encoder, decoder, diagonal_4, k in zip(
+            encoders.unbind(0)[::-1], decoders.unbind(0)[::-1], diagonals_4.unbind(0)[::-1],
+            reversed(range(count)), strict=True,
+        ):
+            x, activation, u, one_plus = saved[4 * k : 4 * k + 4]
             # weight = g / (1 + d h'); with dh'/dpre = -2 h h' (pre = x E + b), the gradient
             # with respect to pre is (g_y F^T - 2 weight d h) h' = 4 u (g_y F^T - weight d_4 h / 2)
             weight = one_plus.reciprocal().mul_(grad_log_det)
-            grad_pre = (grad_y @ decoders[k].mT).addcmul_(
-                activation, weight * diagonals_4[k], value=-0.5
-            )
+            grad_pre = (grad_y @ decoder.mT).addcmul_(activation, weight * diagonal_4, value=-0.5)
             grad_pre.mul_(u)  # a quarter of the gradient with respect to pre
-            torch.mm(activation.mT, grad_y, out=grad_decoders[k])
-            torch.mm(x.mT, grad_pre, out=grad_encoders[k]).mul_(4)
-            torch.sum(grad_pre, 0, out=grad_biases[k]).mul_(4)
-            torch.sum(weight.mul_(u), 0, out=grad_diagonals[k]).mul_(4)
+            grads.append((
+                (x.mT @ grad_pre).mul_(4),
+                grad_pre.sum(0).mul_(4),
+                activation.mT @ grad_y,
+                weight.mul_(u).sum(0).mul_(4),
+            ))
             if k > 0 or ctx.needs_input_grad[0]:
-                grad_y = torch.addmm(grad_y, grad_pre, encoders[k].mT, alpha=4)
-        return (grad_y if ctx.needs_input_grad[0] else None, grad_encoders, grad_biases,
-                grad_decoders, grad_diagonals)
+                grad_y = torch.addmm(grad_y, grad_pre, encoder.mT, alpha=4)
+        stacked = (
+            [grad.unsqueeze(0) for grad in grads[0]] if count == 1
+            else [torch.stack(per_flow[::-1]) for per_flow in zip(*grads, strict=True)]
+        )
+        return grad_y if ctx.needs_input_grad[0] else None, *stacked
 
 
 def _sum_log(positive: Tensor) -> Tensor:
@@ -341,22 +345,32 @@ class _SharedProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, square: Tensor, diag_tilde: Tensor) -> tuple[Tensor, ...]:
+        ctx.stack_of_one = _is_stack_of_one(q)
+        if ctx.stack_of_one:
+            q, square, diag_tilde = q[0], square[0], diag_tilde[0]
+        addmm = _addmm(q)
         diag_r, diag_t = square.diagonal(dim1=-2, dim2=-1).tanh(), diag_tilde.tanh()
         lower, upper = square.tril(-1), square.triu(1)
-        encoder = torch.baddbmm(q * diag_t.unsqueeze(-2), q, lower)
-        q_r = torch.baddbmm(q * diag_r.unsqueeze(-2), q, upper)
+        encoder = addmm(q * diag_t.unsqueeze(-2), q, lower)
+        q_r = addmm(q * diag_r.unsqueeze(-2), q, upper)
         ctx.save_for_backward(q, lower, upper, diag_r, diag_t)
-        return encoder, q_r.mT, diag_r * diag_t
+        outputs = encoder, q_r.mT, diag_r * diag_t
+        return tuple(t.unsqueeze(0) for t in outputs) if ctx.stack_of_one else outputs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_encoder: Tensor, grad_decoder: Tensor, grad_diagonal: Tensor):
         q, lower, upper, diag_r, diag_t = ctx.saved_tensors
+        if ctx.stack_of_one:
+            grad_encoder, grad_decoder, grad_diagonal = (
+                grad[0] for grad in (grad_encoder, grad_decoder, grad_diagonal)
+            )
+        addmm = _addmm(q)
         grad_q_r = grad_decoder.mT
         grad_q = None
         if ctx.needs_input_grad[0]:  # E = Q R~^T and Q R: Q gets g_E R~ + g_QR R^T
-            grad_q = torch.baddbmm(grad_encoder * diag_t.unsqueeze(-2), grad_encoder, lower.mT)
-            grad_q.baddbmm_(grad_q_r, upper.mT).addcmul_(grad_q_r, diag_r.unsqueeze(-2))
+            grad_q = addmm(grad_encoder * diag_t.unsqueeze(-2), grad_encoder, lower.mT)
+            grad_q = addmm(grad_q, grad_q_r, upper.mT).addcmul_(grad_q_r, diag_r.unsqueeze(-2))
         grad_r_tilde_t = q.mT @ grad_encoder  # with respect to R~^T
         grad_r = q.mT @ grad_q_r
         grad_diag_r = torch.addcmul(grad_r.diagonal(dim1=-2, dim2=-1), grad_diagonal, diag_t)
@@ -365,7 +379,10 @@ class _SharedProjections(torch.autograd.Function):
         )
         grad_square = grad_r_tilde_t.tril_(-1).add_(grad_r.triu(1))
         grad_square.diagonal(dim1=-2, dim2=-1).copy_(grad_diag_r * (1 - diag_r.square()))
-        return grad_q, grad_square, grad_diag_t * (1 - diag_t.square())
+        grads = grad_q, grad_square, grad_diag_t * (1 - diag_t.square())
+        if ctx.stack_of_one:
+            return tuple(None if grad is None else grad.unsqueeze(0) for grad in grads)
+        return grads
 
 
 class _Factors:
