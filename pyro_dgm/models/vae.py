@@ -295,6 +295,8 @@ class VAE(PyroModule):
                 prior = prior.expand([self.event_dim]).to_event(1)
             if batch_size is not None:
                 prior = prior.expand([batch_size])
+            if len(self._fixed_priors) >= 16:  # a few shapes in practice; never unbounded
+                self._fixed_priors.clear()
             self._fixed_priors[key] = prior
         return prior
 
