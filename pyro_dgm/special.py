@@ -385,6 +385,7 @@ def _log_iv_parts(
     need_series = not on_host or bool(in_series.any())
     need_debye = not on_host or not need_series or not bool(in_series.all())
 
+    @cache  # evaluated once, and only where needed
     def leading() -> Tensor:  # log of (x / 2)^v / Gamma(v + 1)
         return _times_log(v, torch.log(0.5 * x)) - log_gamma
 

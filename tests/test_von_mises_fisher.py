@@ -495,7 +495,7 @@ def test_proposal_is_symmetric_beta_and_its_complement_exact(a, dtype):
     from pyro_dgm.distributions.von_mises_fisher import _symmetric_beta_pair
 
     torch.manual_seed(12)
-    eps, complement = _symmetric_beta_pair(torch.full((20_000,), a, dtype=dtype))
+    eps, complement = _symmetric_beta_pair(torch.full((20_000,), a, dtype=dtype)).unbind(-1)
     assert eps.dtype == dtype
     assert scipy.stats.kstest(eps.double().numpy(), scipy.stats.beta(a, a).cdf).pvalue > 1e-3
     tiny = torch.finfo(dtype).eps

@@ -629,12 +629,12 @@ def _proposal_pairs(like: Tensor, shape: tuple[int, int], half: float) -> Tensor
     """
     if shape[0] * shape[1] <= _TWO_GAMMA_PROPOSALS:
         return torch._standard_gamma(like.new_full((*shape, 2), half))
-    return _symmetric_beta_pair(like.new_full(shape, half)).movedim(0, -1)
+    return _symmetric_beta_pair(like.new_full(shape, half))
 
 
 def _symmetric_beta_pair(half: Tensor) -> Tensor:
     """Draws eps ~ Beta(a, a) for a = ``half`` (any shape), returned stacked with 1 - eps as
-    (2, ...), both without cancellation.
+    (..., 2), both without cancellation.
 
     With Z ~ N(0, 1) and G ~ Gamma(a) independent, Z / sqrt(G / a) is Student's t with 2a
     degrees of freedom and eps = (1 + Z / s) / 2, s = sqrt(2 G + Z^2), is Beta(a, a): one gamma
@@ -645,5 +645,5 @@ def _symmetric_beta_pair(half: Tensor) -> Tensor:
     normal = torch.randn_like(half)
     root = torch.addcmul(gamma, normal, normal, value=0.5).mul_(2).sqrt_()
     smaller = gamma / (root * (root + normal.abs()))
-    pair = torch.stack([1 - smaller, smaller])  # (larger, smaller): eps for Z >= 0
-    return torch.where(normal >= 0, pair, pair.flip(0))
+    pair = torch.stack([1 - smaller, smaller], -1)  # (larger, smaller): eps for Z >= 0
+    return torch.where((normal >= 0).unsqueeze(-1), pair, pair.flip(-1))
