@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 from pyro.distributions.testing.gof import auto_goodness_of_fit
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher, log_sphere_surface_area
-from pyro_dgm.distributions.von_mises_fisher import _RotateFromPole, _WoodTransform
+from pyro_dgm.distributions.von_mises_fisher import (
+    _ReparameterizedSample,
+    _RotateFromPole,
+    _WoodTransform,
+)
 from pyro_dgm.infer import TraceAnalyticKL_ELBO
 from pyro_dgm.special import bessel_iv_ratio
 
@@ -351,22 +355,66 @@ def test_score_normalizer_derivative_matches_finite_differences():
     assert torch.autograd.gradcheck(subtract, (score, kappa))
 
 
-def test_rotation_from_the_pole_matches_finite_differences_and_maps_e1_to_loc():
+def _locs_of_every_sign(m: int) -> torch.Tensor:
+    """Unit vectors with mu_1 of both signs, mu_1 = +0.0 and -0.0, and mu = +e_1 and -e_1."""
+    loc = random_unit(m, 10)
+    loc[:3, 0] = -loc[:3, 0].abs()
+    loc[3:6, 0] = loc[3:6, 0].abs()
+    loc[6:8] = random_unit(m - 1, 2, seed=3).new_zeros(2, m)
+    loc[6:8, 1:] = random_unit(m - 1, 2, seed=3)
+    loc[7, 0] = -0.0
+    loc[8:] = 0.0
+    loc[8, 0], loc[9, 0] = 1.0, -1.0
+    return loc
+
+
+@pytest.mark.parametrize("m", [3, 6])
+def test_rotation_from_the_pole_matches_finite_differences_and_maps_e1_to_loc(m):
     torch.manual_seed(1)
-    loc = random_unit(6, 8)
-    loc[:3, 0] = -loc[:3, 0].abs()  # both signs of mu_1
-    loc[3:, 0] = loc[3:, 0].abs()
-    w = 2 * torch.rand(8, dtype=F64) - 1
-    tangent = random_unit(5, 8)
+    loc = _locs_of_every_sign(m)
+    n = loc.shape[0]
+    w = 2 * torch.rand(n, dtype=F64) - 1
+    tangent = random_unit(m - 1, n, seed=5)
     z = _RotateFromPole.apply(loc, w, (1 - w**2).sqrt(), tangent)
-    torch.testing.assert_close(z.norm(dim=-1), torch.ones(8, dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(n, dtype=F64), rtol=0, atol=1e-15)
     torch.testing.assert_close((z * loc).sum(-1), w, rtol=0, atol=1e-15)  # mu^T z = w
-    pole = _RotateFromPole.apply(loc, torch.ones(8, dtype=F64), torch.zeros(8, dtype=F64),
+    pole = _RotateFromPole.apply(loc, torch.ones(n, dtype=F64), torch.zeros(n, dtype=F64),
                                  tangent)
     torch.testing.assert_close(pole, loc, rtol=0, atol=1e-15)
-    arguments = (loc.requires_grad_(), w.requires_grad_(),
-                 (1 - w.detach() ** 2).sqrt().requires_grad_(), tangent)
+    # the map is orthogonal: the tangent directions stay orthogonal to loc and to each other
+    other = random_unit(m - 1, n, seed=6)
+    other = other - (other * tangent).sum(-1, keepdim=True) * tangent
+    zero, one = torch.zeros(n, dtype=F64), torch.ones(n, dtype=F64)
+    along, across = (_RotateFromPole.apply(loc, zero, one, t) for t in (tangent, other))
+    torch.testing.assert_close((along * loc).sum(-1), zero, rtol=0, atol=1e-15)
+    torch.testing.assert_close((along * across).sum(-1), zero, rtol=0, atol=1e-15)
+    # the reflection changes with the sign of mu_1: no derivative across mu_1 = 0
+    smooth = loc[:, 0] != 0
+    arguments = (loc[smooth].requires_grad_(), w[smooth].requires_grad_(),
+                 (1 - w[smooth] ** 2).sqrt().requires_grad_(), tangent[smooth])
     assert torch.autograd.gradcheck(_RotateFromPole.apply, arguments)
+
+
+def test_reparameterized_sample_node_matches_finite_differences():
+    """The one node of rsample (Wood's map, then the rotation) against finite differences, in
+    loc and kappa, for the sample and the proposals' score together."""
+    m, n = 6, 10
+    loc = _locs_of_every_sign(m)
+    kappa = torch.tensor([0.05, 1.0, 2.0, 30.0, 500.0, 7.0, 3.0, 0.5, 11.0, 60.0], dtype=F64)
+    proposal = torch.tensor([0.3, 1e-3, 0.5, 0.999, 0.2, 0.7, 0.4, 0.6, 0.05, 0.9], dtype=F64)
+    tangent = random_unit(m - 1, n, seed=7)
+
+    def sample(loc: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b_at_k = (m - 1) / (2 * k.detach() + torch.sqrt(4 * k.detach() ** 2 + (m - 1) ** 2))
+        return _ReparameterizedSample.apply(loc, k, proposal, 1 - proposal, b_at_k, tangent, m)
+
+    z, _ = sample(loc, kappa)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(n, dtype=F64), rtol=0, atol=1e-15)
+    smooth = loc[:, 0] != 0  # the reflection changes with the sign of mu_1
+    proposal, tangent = proposal[smooth], tangent[smooth]
+    assert torch.autograd.gradcheck(
+        sample, (loc[smooth].requires_grad_(), kappa[smooth].requires_grad_())
+    )
 
 
 def test_m3_is_fully_reparameterized():
