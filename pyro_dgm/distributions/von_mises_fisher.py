@@ -669,5 +669,8 @@ def _symmetric_beta_pair(half: Tensor) -> Tensor:
     normal = torch.randn_like(half)
     root = torch.addcmul(gamma, normal, normal, value=0.5).mul_(2).sqrt_()
     smaller = gamma / (root * (root + normal.abs()))
-    pair = torch.stack([1 - smaller, smaller], -1)  # (larger, smaller): eps for Z >= 0
-    return torch.where((normal >= 0).unsqueeze(-1), pair, pair.flip(-1))
+    larger = 1 - smaller
+    positive = normal >= 0  # eps is the larger of the two
+    return torch.stack(
+        [torch.where(positive, larger, smaller), torch.where(positive, smaller, larger)], -1
+    )
