@@ -484,10 +484,11 @@ class _RotateFromPole(torch.autograd.Function):
     \\mu_{2:}` and :math:`q = s g_c / (1 + \\lvert \\mu_1 \\rvert)`:
     :math:`\\partial_w = g_1 \\mu_1 + g_c`, :math:`\\partial_r = p (g_1 + q) - s g_{2:}^\\top t`,
     :math:`\\partial_{\\mu_{2:}} = c g_{2:} + r (g_1 + q) t` and :math:`\\partial_{\\mu_1} = g_1 w
-    - q (c - w)`. Every operation is a per-row scalar times a row or a row's dot product: at
-    n = 4096 and m = 11 this took a third of the time of the reflection written with
-    :math:`u` (whose sign selections and sums over short rows are slow on the CPU), and at
-    m = 65 a fifth (forward) and a twentieth (backward).
+    - q (c - w)`. Every operation is a per-row scalar times a row or a row's dot product. At
+    n = 4096 on the CPU, forward and backward took 108 and 211 us (m = 11) and 207 and 289 us
+    (m = 65), against 303 and 277 us and 3.6 and 4.3 ms for the reflection written with
+    :math:`u`, whose sign selections broadcast over short rows; at n = 64 both cost about the
+    same.
     """
 
     @staticmethod
