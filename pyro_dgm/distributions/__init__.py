@@ -9,7 +9,22 @@ from pyro_dgm.distributions.hyperspherical_uniform import (
     HypersphericalUniform,
     log_sphere_surface_area,
 )
+from pyro_dgm.distributions.scoring import (
+    ScoredIndependent,
+    ScoredMasked,
+    score_function_of,
+    score_parts_of,
+)
 from pyro_dgm.distributions.vamp_prior import VampPrior
 from pyro_dgm.distributions.von_mises_fisher import VonMisesFisher
 
-__all__ = ["HypersphericalUniform", "VampPrior", "VonMisesFisher", "log_sphere_surface_area"]
+__all__ = [
+    "HypersphericalUniform",
+    "ScoredIndependent",
+    "ScoredMasked",
+    "VampPrior",
+    "VonMisesFisher",
+    "log_sphere_surface_area",
+    "score_function_of",
+    "score_parts_of",
+]
