@@ -13,7 +13,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
-from pyro_dgm.infer import ImportanceWeightedELBO
+from pyro_dgm.infer import ImportanceWeightedELBO, RenyiELBO
 from pyro_dgm.models import VAE
 from pyro_dgm.special import log_bessel_iv
 
@@ -325,17 +325,10 @@ def test_bad_arguments_and_sites_raise_value_error(problem):
         ImportanceWeightedELBO(2, gradient="dreg").differentiable_loss(
             model, guide, torch.ones(1, dtype=F64), kappa)
 
-    def global_model(x):
-        scale = pyro.sample("s", pyro_dist.LogNormal(torch.tensor(0.0, dtype=F64), 1.0))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("x", pyro_dist.Normal(torch.zeros(4, dtype=F64), scale[..., None, None])
-                        .to_event(1), obs=x)
-
-    def global_guide(x):
-        pyro.sample("s", pyro_dist.LogNormal(torch.tensor(0.1, dtype=F64), 0.5))
-
-    with pytest.raises(ValueError, match="data plate"):
-        ImportanceWeightedELBO(2).differentiable_loss(global_model, global_guide, x)
+    with pytest.raises(ValueError, match="alpha"):
+        RenyiELBO(alpha=1.0)
+    with pytest.raises(ValueError, match="dreg"):
+        RenyiELBO(alpha=0.5, gradient="dreg")
 
     planar = Planar(2).double()
 

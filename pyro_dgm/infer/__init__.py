@@ -17,7 +17,7 @@ from pyro_dgm.infer.evaluation import (
     evaluate_dataset,
     importance_log_likelihood,
 )
-from pyro_dgm.infer.iwae import ImportanceWeightedELBO
+from pyro_dgm.infer.iwae import ImportanceWeightedELBO, RenyiELBO
 from pyro_dgm.infer.training import (
     OBJECTIVES,
     kl_warmup,
@@ -43,6 +43,7 @@ __all__ = [
     "ElboTerms",
     "ImportanceWeightedELBO",
     "LogLikelihoodEstimate",
+    "RenyiELBO",
     "TraceAnalyticKL_ELBO",
     "dataset_elbo",
     "elbo_terms",
