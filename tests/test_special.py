@@ -1,9 +1,12 @@
-"""Accuracy of pyro_dgm.special against mpmath (a stored 30-digit table) and scipy."""
+"""Accuracy of pyro_dgm.special against mpmath (a stored 30-digit table, and in-test values)
+and scipy; its derivatives of every order against the plain-torch reference and finite
+differences; torch.func transforms."""
 
 import json
 import math
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import pytest
 import scipy.special
@@ -12,7 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyro_dgm.special import (
+    _KINDS,
+    _bessel_parts,
+    _evaluate,
     _log_iv_parts,
+    _reference_parts,
     bessel_iv_ratio,
     log_bessel_iv,
     log_bessel_iv_normalized,
@@ -231,3 +238,218 @@ def test_one_order_for_all_x_against_mpmath():
         worst = np.maximum(worst, errors)
     assert worst[0] < 1e-13 and worst[1] < 1e-12
     assert worst[2] < 2e-9 and worst[3] < 5e-10
+
+
+# The kinds of _bessel_parts: accuracy, derivatives of every order, torch.func ------------
+
+
+def mpmath_kinds(v: float, x: float) -> dict[str, float]:
+    """Every kind of :data:`pyro_dgm.special._KINDS` at (v, x) in 40-digit arithmetic (A' from
+    1 - r^2 - (2 v + 1) r / x, which loses at most 12 of those digits for x <= 1e6)."""
+    mpmath.mp.dps = 40
+    v, x = mpmath.mpf(v), mpmath.mpf(x)
+    iv = mpmath.besseli(v, x, maxterms=10**6)
+    ratio = mpmath.besseli(v + 1, x, maxterms=10**6) / iv
+    normalized = mpmath.log(iv) - v * mpmath.log(x / 2) + mpmath.loggamma(v + 1)
+    exact = {
+        "log_iv": mpmath.log(iv),
+        "normalized": normalized,
+        "scaled": normalized - x,
+        "ratio": ratio,
+        "complement": 1 - ratio,
+        "slope": 1 - ratio**2 - (2 * v + 1) * ratio / x,
+        "intercept": normalized - x * ratio,
+    }
+    return {kind: float(value) for kind, value in exact.items()}
+
+
+EXTENDED_ORDERS = [0.0, 0.5, 1.5, 4.5, 49.0, 499.0]
+EXTENDED_X = np.logspace(-3, 6, 13)
+
+
+@pytest.fixture(scope="module")
+def extended_reference() -> dict[float, dict[str, np.ndarray]]:
+    return {
+        v: {
+            kind: np.array([mpmath_kinds(v, x)[kind] for x in EXTENDED_X])
+            for kind in _KINDS
+        }
+        for v in EXTENDED_ORDERS
+    }
+
+
+# |error| / scale, the scale of each kind: the ratio, its complement and A' relative to
+# themselves; log I_v and log 0F1 relative to max(1, |log I_v|) (as above: log 0F1 is log I_v
+# less terms of its size), log 0F1 - x relative to max(1, |log 0F1 - x|) and the intercept
+# (log 0F1 - x r = (log 0F1 - x) + x (1 - r)) to the same
+def kind_errors(kind, got, exact):
+    if kind in ("ratio", "complement", "slope"):
+        scale = np.abs(exact[kind])
+    elif kind in ("intercept", "scaled"):
+        scale = np.maximum(1.0, np.abs(exact["scaled"]))
+    else:
+        scale = np.maximum(1.0, np.abs(exact["log_iv"]))
+    return np.abs(got - exact[kind]) / scale
+
+
+def test_every_kind_for_one_order_against_mpmath(extended_reference):
+    """float64, one order: 1 - r, A' = dr/dx and log 0F1 - x free of cancellation up to
+    x = 1e6 (the naive 1 - r loses up to 1e-10 there, A' = 1 - r^2 - (2 v + 1) r / x all of
+    its digits)."""
+    worst = dict.fromkeys(_KINDS, 0.0)
+    for v in EXTENDED_ORDERS:
+        parts = _evaluate(v, torch.tensor(EXTENDED_X), frozenset(_KINDS))
+        for kind in _KINDS:
+            error = kind_errors(kind, parts[kind].numpy(), extended_reference[v]).max()
+            worst[kind] = max(worst[kind], error)
+    limits = {"ratio": 2e-15, "complement": 5e-14, "slope": 5e-14, "log_iv": 1e-13,
+              "normalized": 1e-13, "scaled": 1e-13, "intercept": 1e-13}
+    assert all(worst[kind] < limits[kind] for kind in _KINDS), worst
+
+
+def test_reference_and_orders_per_element_against_mpmath(extended_reference):
+    """The plain-torch reference (also the path of tensor orders), float64: within a few
+    1e-13 (its delta recurrence accumulates rounding, see _reference_debye_recurrence)."""
+    v = torch.tensor(EXTENDED_ORDERS).unsqueeze(-1)
+    x = torch.tensor(EXTENDED_X)
+    for parts in (_reference_parts(v, x, frozenset(_KINDS)), _evaluate(v, x, frozenset(_KINDS))):
+        for kind in _KINDS:
+            for row, order in enumerate(EXTENDED_ORDERS):
+                error = kind_errors(kind, parts[kind][row].numpy(), extended_reference[order])
+                assert error.max() < 2e-12, (kind, order, error.max())
+
+
+@pytest.mark.parametrize("kinds", [_KINDS, ("normalized", "scaled", "complement", "intercept")])
+def test_every_kind_of_float32_inputs_before_rounding(kinds):
+    """Float32 inputs (the short expansion, or for the kinds that follow from log 0F1 and the
+    ratio the octave tables) in float64 before the final rounding, against the float64
+    evaluation at the same (float32) arguments: within 1e-8, relative to the value (the ratio,
+    its complement and A') or to max(1, |value|) (the logarithms), far below float32's
+    rounding (6e-8); except 1 - r from the tables, whose ratio's error (4e-12) grows by
+    2 x / (2 v + 1) in it: 2.3e-8 at x = 3e5 for v = 0, under float32's rounding still."""
+    x = torch.tensor([1e-4, 0.2, 1.0, 7.0, 60.0, 900.0, 2e4, 3e5])
+    for v in (0.0, 1.5, 31.5):
+        exact = _evaluate(v, x.double(), frozenset(kinds))
+        got = _evaluate(v, x, frozenset(kinds))
+        for kind in kinds:
+            assert got[kind].dtype == torch.float64
+            floor = 1.0 if kind in ("log_iv", "normalized", "scaled", "intercept") else 0.0
+            error = (got[kind] - exact[kind]).abs() / exact[kind].abs().clamp(min=floor)
+            limit = 5e-8 if kind == "complement" and "slope" not in kinds else 1e-8
+            assert error.max() < limit, (v, kind, error.max())
+
+
+def derivatives(function, x: torch.Tensor, create_graph: bool = True):
+    """(value, first derivative, second derivative) of ``function`` summed, at ``x``."""
+    x = x.detach().clone().requires_grad_()
+    value = function(x)
+    (first,) = torch.autograd.grad(value.sum(), x, create_graph=create_graph)
+    if not create_graph:
+        return value.detach(), first, None
+    (second,) = torch.autograd.grad(first.sum(), x)
+    return value.detach(), first.detach(), second
+
+
+def assert_fused_matches_reference(device: str) -> None:
+    """The fused Function (_BesselParts, with its rules and its first-order backward pass) and
+    the plain-torch reference differentiated by autograd: values, first and second
+    derivatives, float32 and float64, one order and orders per element."""
+    tolerances = {torch.float64: (1e-12, 1e-11, 1e-9), torch.float32: (2e-6, 2e-6, 2e-5)}
+    for dtype, (value_tol, first_tol, second_tol) in tolerances.items():
+        x = torch.tensor([1e-3, 0.3, 2.0, 17.0, 150.0, 3000.0], dtype=dtype, device=device)
+        orders = (0.0, 1.5, 31.5, torch.tensor([[0.0], [1.5], [31.5]], dtype=dtype,
+                                               device=device))
+        for v in orders:
+            for kind in _KINDS:
+                def fused_function(at, v=v, kind=kind):
+                    return _bessel_parts(v, at, (kind,))[0]
+
+                def reference_function(at, v=v, kind=kind):
+                    return _reference_parts(v, at, frozenset([kind]))[kind].to(at.dtype)
+
+                fused = derivatives(fused_function, x)
+                first_order = derivatives(fused_function, x, False)
+                reference = derivatives(reference_function, x)
+                tolerances = (value_tol, first_tol, second_tol)
+                for got, expected, tol in zip(fused, reference, tolerances, strict=True):
+                    torch.testing.assert_close(got, expected, rtol=tol, atol=tol, msg=kind)
+                torch.testing.assert_close(first_order[1], reference[1], rtol=first_tol,
+                                           atol=first_tol, msg=kind)
+
+
+def test_fused_matches_reference():
+    assert_fused_matches_reference("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_matches_reference_on_cuda():
+    assert_fused_matches_reference("cuda")
+
+
+def nth_derivative(kind: str, v: float, x0: float, order: int) -> float:
+    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    value = _bessel_parts(v, x, (kind,))[0]
+    for _ in range(order):
+        (value,) = torch.autograd.grad(value, x, create_graph=True)
+    return float(value.detach())
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_second_and_third_derivatives_against_finite_differences(kind):
+    """d^2 and d^3 of every kind (float64) against central differences of the autograd
+    derivative one order below."""
+    v = 2.5
+    for x0 in (0.4, 3.0, 25.0, 400.0):
+        step = 1e-4 * x0
+        for order in (2, 3):
+            expected = (nth_derivative(kind, v, x0 + step, order - 1)
+                        - nth_derivative(kind, v, x0 - step, order - 1)) / (2 * step)
+            got = nth_derivative(kind, v, x0, order)
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-9), (x0, order)
+
+
+def test_derivatives_at_zero():
+    """At x = 0, from r = x / (2 (v + 1)) - x^3 / (8 (v + 1)^2 (v + 2)) + O(x^5), the slope
+    A = dr/dx has A(0) = 1 / (2 (v + 1)), dA/dx(0) = 0 and d2A/dx2(0) = -3 / (4 (v + 1)^2
+    (v + 2)); and the higher derivatives of A, where the rule for dA/dx in r and A has a
+    removable singularity, equal the reference's (its series, a polynomial at 0): 0 for the
+    odd ones (A is even in x), not for the fourth."""
+    v = 2.5
+    a1, a3 = 1 / (2 * (v + 1)), -3 / (4 * (v + 1) ** 2 * (v + 2))
+    expected = {  # kind: (second, third derivative) at 0
+        "normalized": (a1, 0.0), "scaled": (a1, 0.0), "intercept": (-a1, 0.0),
+        "ratio": (0.0, a3), "complement": (0.0, -a3), "slope": (a3, None),
+    }
+    for kind, values in expected.items():
+        for order, value in zip((2, 3), values, strict=True):
+            if value is not None:
+                got = nth_derivative(kind, v, 0.0, order)
+                assert got == pytest.approx(value, rel=1e-12, abs=1e-15), (kind, order)
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    reference = _reference_parts(v, x, frozenset(["slope"]))["slope"]
+    for order in range(1, 5):
+        (reference,) = torch.autograd.grad(reference, x, create_graph=True)
+        got = nth_derivative("slope", v, 0.0, order)
+        assert got == pytest.approx(float(reference.detach()), rel=1e-12, abs=1e-15), order
+        assert (got == 0) == (order % 2 == 1)
+
+
+@pytest.mark.parametrize("function", [log_bessel_iv, log_bessel_iv_normalized, bessel_iv_ratio])
+def test_torch_func_transforms_match_autograd(function):
+    """grad, vmap, jacrev (and grad of grad) of the public functions through the reference
+    equal autograd's derivatives of the fused path."""
+    x = torch.tensor([0.05, 1.3, 9.0, 120.0, 5e3], dtype=torch.float64)
+    for v in (0.0, 3.5):
+        def f(at, v=v):
+            return function(v, at)
+        value, first, second = derivatives(f, x)
+        torch.testing.assert_close(torch.func.vmap(f)(x), value, rtol=1e-13, atol=1e-13)
+        grad = torch.func.vmap(torch.func.grad(f))(x)
+        torch.testing.assert_close(grad, first, rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(torch.func.jacrev(f)(x).diagonal(), first, rtol=1e-11,
+                                   atol=1e-14)
+        second_func = torch.func.vmap(torch.func.grad(torch.func.grad(f)))(x)
+        torch.testing.assert_close(second_func, second, rtol=1e-9, atol=1e-14)
+    both = torch.func.vmap(lambda at: log_bessel_iv_normalized_and_ratio(1.5, at))(x)
+    torch.testing.assert_close(both, log_bessel_iv_normalized_and_ratio(1.5, x), rtol=1e-13,
+                               atol=1e-13)
