@@ -22,31 +22,57 @@ respected and the saved tensors unpacked by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
-__all__ = ["needs_reference", "reference_vjp"]
+__all__ = ["cache_forward_signature", "needs_reference", "reference_vjp"]
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def needs_reference(*tensors: Tensor | object) -> bool:
-    """Whether any of ``tensors`` is seen through a ``torch.func`` transform or carries a
-    forward-mode tangent: the fused path then gives way to the reference. Non-tensors are
-    ignored. (One C call per tensor; no device work.)"""
-    for tensor in tensors:
-        if torch.is_tensor(tensor) and (_is_wrapped(tensor) or _has_tangent(tensor)):
-            return True
-    return False
-
-
-def _has_tangent(tensor: Tensor) -> bool:
-    # forward-mode AD outside torch.func: a dual tensor (only under a dual level)
-    return torch._C._forward_AD_enabled() if hasattr(torch._C, "_forward_AD_enabled") else (
-        torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None
+    """Whether the fused path gives way to the reference: inside any ``torch.func`` transform,
+    whether or not ``tensors`` are seen through it (torch refuses to ``vmap`` a Function that
+    has no vmap rule even when none of its inputs is batched), or when any of ``tensors``
+    carries a forward-mode tangent. Non-tensors are ignored. (One C call, and a look at each
+    tensor only under a forward-mode dual level; no device work.)"""
+    if _transforms_active():
+        return True
+    if _forward_ad._current_level < 0:  # a dual tensor exists only under a dual level
+        return False
+    return any(
+        torch.is_tensor(tensor) and _forward_ad.unpack_dual(tensor).tangent is not None
+        for tensor in tensors
     )
+
+
+def cache_forward_signature(function: type[torch.autograd.Function]) -> type:
+    """Class decorator for a Function in the ``setup_context`` style: torch binds the arguments
+    of every call to ``forward``'s signature, which :func:`inspect.signature` rebuilds from the
+    code object each time unless ``forward.__signature__`` holds it. This stores it once, which
+    takes most of the cost that the ``setup_context`` style adds to a call on the fused path.
+    When every parameter of ``forward`` is positional without a default (so that binding only
+    passes the arguments through), the signature stored is ``(*args)``, which binds in a third
+    of the time and means the same for positional calls; a call with keyword arguments then
+    raises ``TypeError``."""
+    signature = inspect.signature(function.forward)
+    if all(
+        parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        and parameter.default is inspect.Parameter.empty
+        for parameter in signature.parameters.values()
+    ):
+        signature = _POSITIONAL_ONLY_ARGS
+    function.forward.__signature__ = signature
+    return function
+
+
+_POSITIONAL_ONLY_ARGS = inspect.Signature(
+    [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+)
 
 
 def reference_vjp(
@@ -72,6 +98,13 @@ def reference_vjp(
     if not wanted:
         return tuple(gradients)
     with torch.enable_grad():
+        # each wanted input enters through an alias of its own, so that the gradients are
+        # partial derivatives also when one input is computed from another (or the same tensor
+        # is passed twice): autograd.grad with respect to the input itself would add the paths
+        # through the other inputs, which the chain rule outside this Function adds again
+        inputs = [
+            value.view_as(value) if i in wanted else value for i, value in enumerate(inputs)
+        ]
         outputs = reference(*inputs)
         if torch.is_tensor(outputs):
             outputs = (outputs,)

@@ -325,7 +325,7 @@ def test_wood_transform_backward_matches_finite_differences(m):
     proposal = torch.tensor([0.3, 1e-3, 0.5, 0.999, 0.2, 0.7], dtype=F64)
     complement = 1 - proposal
     b = (m - 1) / (2 * kappa + torch.sqrt(4 * kappa**2 + (m - 1) ** 2))
-    w, root, score = _WoodTransform.apply(kappa, proposal, complement, m, b)
+    w, root, score = _WoodTransform.apply(kappa, proposal, complement, m, b)[:3]
     denominator = 1 - (1 - b) * proposal
     torch.testing.assert_close(w, 1 - 2 * b * proposal / denominator, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(root, torch.sqrt(1 - w**2), rtol=1e-9, atol=1e-12)
@@ -333,7 +333,7 @@ def test_wood_transform_backward_matches_finite_differences(m):
     torch.testing.assert_close(score, expected, rtol=1e-13, atol=1e-13)
     def transform(k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b_at_k = (m - 1) / (2 * k.detach() + torch.sqrt(4 * k.detach() ** 2 + (m - 1) ** 2))
-        return _WoodTransform.apply(k, proposal, complement, m, b_at_k)
+        return _WoodTransform.apply(k, proposal, complement, m, b_at_k)[:3]
 
     assert torch.autograd.gradcheck(transform, (kappa.clone().requires_grad_(),))
 
@@ -348,7 +348,8 @@ def test_score_normalizer_derivative_matches_finite_differences():
 
     def subtract(score, kappa):
         values = log_bessel_iv_normalized_and_ratio_values(0.5 * m - 1, kappa)
-        return _SubtractNormalizer.apply(score, kappa, *values, log_sphere_surface_area(m))
+        return _SubtractNormalizer.apply(score, kappa, *values, log_sphere_surface_area(m),
+                                        0.5 * m - 1)
 
     score = torch.randn(3, 4, dtype=F64, requires_grad=True)
     kappa = torch.tensor([0.05, 1.0, 30.0, 700.0], dtype=F64, requires_grad=True)
@@ -375,24 +376,24 @@ def test_rotation_from_the_pole_matches_finite_differences_and_maps_e1_to_loc(m)
     n = loc.shape[0]
     w = 2 * torch.rand(n, dtype=F64) - 1
     tangent = random_unit(m - 1, n, seed=5)
-    z = _RotateFromPole.apply(loc, w, (1 - w**2).sqrt(), tangent)
+    z = _RotateFromPole.apply(loc, w, (1 - w**2).sqrt(), tangent)[0]
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(n, dtype=F64), rtol=0, atol=1e-15)
     torch.testing.assert_close((z * loc).sum(-1), w, rtol=0, atol=1e-15)  # mu^T z = w
     pole = _RotateFromPole.apply(loc, torch.ones(n, dtype=F64), torch.zeros(n, dtype=F64),
-                                 tangent)
+                                 tangent)[0]
     torch.testing.assert_close(pole, loc, rtol=0, atol=1e-15)
     # the map is orthogonal: the tangent directions stay orthogonal to loc and to each other
     other = random_unit(m - 1, n, seed=6)
     other = other - (other * tangent).sum(-1, keepdim=True) * tangent
     zero, one = torch.zeros(n, dtype=F64), torch.ones(n, dtype=F64)
-    along, across = (_RotateFromPole.apply(loc, zero, one, t) for t in (tangent, other))
+    along, across = (_RotateFromPole.apply(loc, zero, one, t)[0] for t in (tangent, other))
     torch.testing.assert_close((along * loc).sum(-1), zero, rtol=0, atol=1e-15)
     torch.testing.assert_close((along * across).sum(-1), zero, rtol=0, atol=1e-15)
     # the reflection changes with the sign of mu_1: no derivative across mu_1 = 0
     smooth = loc[:, 0] != 0
     arguments = (loc[smooth].requires_grad_(), w[smooth].requires_grad_(),
                  (1 - w[smooth] ** 2).sqrt().requires_grad_(), tangent[smooth])
-    assert torch.autograd.gradcheck(_RotateFromPole.apply, arguments)
+    assert torch.autograd.gradcheck(lambda *a: _RotateFromPole.apply(*a)[0], arguments)
 
 
 def test_reparameterized_sample_node_matches_finite_differences():
@@ -406,7 +407,8 @@ def test_reparameterized_sample_node_matches_finite_differences():
 
     def sample(loc, k, proposal, tangent) -> tuple[torch.Tensor, torch.Tensor]:
         b_at_k = (m - 1) / (2 * k.detach() + torch.sqrt(4 * k.detach() ** 2 + (m - 1) ** 2))
-        return _ReparameterizedSample.apply(loc, k, proposal, 1 - proposal, b_at_k, tangent, m)
+        return _ReparameterizedSample.apply(loc, k, proposal, 1 - proposal, b_at_k, tangent,
+                                            m)[:2]
 
     z, _ = sample(loc, kappa, proposal, tangent)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(n, dtype=F64), rtol=0, atol=1e-15)
