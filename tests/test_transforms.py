@@ -25,8 +25,14 @@ from pyro_dgm.transforms import (
     householder,
     sylvester,
 )
-from pyro_dgm.transforms.householder import _HouseholderMatrix
-from pyro_dgm.transforms.sylvester import _SharedProjections, _sum_log, _SylvesterRows
+from pyro_dgm.transforms.householder import _householder_matrix, _householder_matrix_reference
+from pyro_dgm.transforms.sylvester import (
+    _shared_projections,
+    _shared_projections_reference,
+    _sum_log,
+    _sylvester_rows,
+    _sylvester_rows_reference,
+)
 
 D, C, B, S = 5, 3, 4, 2  # event, context, batch and particle sizes
 
@@ -307,7 +313,7 @@ def test_fused_backward_matches_finite_differences() -> None:
         1.8 * torch.rand(3, 3, generator=generator, dtype=torch.float64) - 0.9
     ).requires_grad_()
     arguments = (draw(6, 4), draw(3, 4, 3), draw(3, 3), draw(3, 3, 4), diagonals)
-    assert torch.autograd.gradcheck(_SylvesterRows.apply, arguments)
+    assert torch.autograd.gradcheck(_sylvester_rows, arguments)
     x, encoders, biases, decoders, diagonals = (a.detach() for a in arguments)
     log_det = torch.zeros(6, dtype=torch.float64)
     for encoder, bias, decoder, diagonal in zip(
@@ -316,7 +322,7 @@ def test_fused_backward_matches_finite_differences() -> None:
         activation = torch.tanh(x @ encoder + bias)
         log_det += torch.log1p((1 - activation.square()) * diagonal).sum(-1)
         x = x + activation @ decoder
-    y, stacked_log_det = _SylvesterRows.apply(*arguments)
+    y, stacked_log_det = _sylvester_rows(*arguments)
     torch.testing.assert_close(y, x, rtol=0, atol=1e-13)
     torch.testing.assert_close(stacked_log_det, log_det, rtol=0, atol=1e-13)
 
@@ -327,14 +333,14 @@ def test_householder_matrix_is_the_product_of_reflections_with_exact_gradients()
     product = torch.eye(6, dtype=torch.float64)
     for v in vectors:  # H_1 H_2 ... H_K, each I - 2 v v^T / |v|^2
         product = product @ (torch.eye(6, dtype=torch.float64) - 2 * torch.outer(v, v) / v.dot(v))
-    torch.testing.assert_close(_HouseholderMatrix.apply(vectors), product, rtol=0, atol=1e-14)
-    assert torch.autograd.gradcheck(_HouseholderMatrix.apply, (vectors.requires_grad_(),))
+    torch.testing.assert_close(_householder_matrix(vectors), product, rtol=0, atol=1e-14)
+    assert torch.autograd.gradcheck(_householder_matrix, (vectors.requires_grad_(),))
     stack = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)  # a stack of three
     torch.testing.assert_close(
-        _HouseholderMatrix.apply(stack),
-        torch.stack([_HouseholderMatrix.apply(v) for v in stack]), rtol=0, atol=1e-14,
+        _householder_matrix(stack),
+        torch.stack([_householder_matrix(v) for v in stack]), rtol=0, atol=1e-14,
     )
-    assert torch.autograd.gradcheck(_HouseholderMatrix.apply, (stack.requires_grad_(),))
+    assert torch.autograd.gradcheck(_householder_matrix, (stack.requires_grad_(),))
 
 
 def test_shared_projections_backward_matches_finite_differences() -> None:
@@ -345,7 +351,7 @@ def test_shared_projections_backward_matches_finite_differences() -> None:
 
     for q_shape in [(6, 4), (4, 4)]:  # bottleneck M < D, and M = D; stacks of two flows
         assert torch.autograd.gradcheck(
-            _SharedProjections.apply, (draw(2, *q_shape), draw(2, 4, 4), draw(2, 4))
+            _shared_projections, (draw(2, *q_shape), draw(2, 4, 4), draw(2, 4))
         )
 
 
@@ -487,3 +493,352 @@ def test_helpers_build_what_they_say() -> None:
 def test_invalid_arguments_are_rejected(arguments: dict) -> None:
     with pytest.raises(ValueError):
         Sylvester(D, **arguments)
+
+
+# Second derivatives and torch.func. The hand-fused Functions (_SylvesterRows,
+# _SharedProjections, _HouseholderMatrix) against their plain-torch references: values, first
+# derivatives and Hessian-vector products (the fused backward pass hands a derivative of the
+# gradient to the reference), in float32 and float64, on the CPU and CUDA; then the Hessian of
+# a flow posterior's log-density against finite differences of the gradient, and torch.func
+# transforms against ordinary autograd, for every kind of flow.
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda", id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
+
+
+def _rows_arguments(count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """x (6, 4) and the factors of ``count`` flows with M = 3: encoders (K, 4, 3), biases
+    (K, 3), decoders (K, 3, 4) and diagonals (K, 3) in (-0.9, 0.9), as the flows make them."""
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    diagonals = 1.8 * torch.rand(count, 3, generator=generator, dtype=torch.float64) - 0.9
+    return [draw(6, 4), draw(count, 4, 3), draw(count, 3), draw(count, 3, 4), diagonals]
+
+
+def _projections_arguments(
+    count: int, d: int, m: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Q (K, D, M), square (K, M, M) and diag_tilde (K, M)."""
+    return [
+        torch.randn(*shape, generator=generator, dtype=torch.float64)
+        for shape in [(count, d, m), (count, m, m), (count, m)]
+    ]
+
+
+# name -> (entry point, reference, arguments from a generator, name of the fused node)
+FUSED = {
+    "rows-one-flow": (
+        _sylvester_rows, _sylvester_rows_reference, lambda g: _rows_arguments(1, g),
+        "_SylvesterRowsBackward",
+    ),
+    "rows-three-flows": (
+        _sylvester_rows, _sylvester_rows_reference, lambda g: _rows_arguments(3, g),
+        "_SylvesterRowsBackward",
+    ),
+    "projections-one-bottleneck": (
+        _shared_projections, _shared_projections_reference,
+        lambda g: _projections_arguments(1, 6, 4, g), "_SharedProjectionsBackward",
+    ),
+    "projections-two-square": (
+        _shared_projections, _shared_projections_reference,
+        lambda g: _projections_arguments(2, 4, 4, g), "_SharedProjectionsBackward",
+    ),
+    "householder-matrix": (
+        _householder_matrix, _householder_matrix_reference,
+        lambda g: [torch.randn(3, 6, generator=g, dtype=torch.float64)],
+        "_HouseholderMatrixBackward",
+    ),
+    "householder-matrix-stack-of-one": (
+        _householder_matrix, _householder_matrix_reference,
+        lambda g: [torch.randn(1, 3, 6, generator=g, dtype=torch.float64)],
+        "_HouseholderMatrixBackward",
+    ),
+    "householder-matrix-stack": (
+        _householder_matrix, _householder_matrix_reference,
+        lambda g: [torch.randn(2, 3, 6, generator=g, dtype=torch.float64)],
+        "_HouseholderMatrixBackward",
+    ),
+}
+
+
+def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+    return (outputs,) if torch.is_tensor(outputs) else tuple(outputs)
+
+
+def _graph_nodes(*tensors: torch.Tensor) -> set[str]:
+    """The class names of the autograd nodes that ``tensors`` were computed through."""
+    names, stack = set(), [tensor.grad_fn for tensor in tensors]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(FUSED))
+def test_fused_function_matches_its_reference(case: str, dtype: torch.dtype, device: str) -> None:
+    """Values, vector-Jacobian products (the hand-written backward pass) and Hessian-vector
+    products, with respect to the inputs and to the incoming gradient, of the fused Function
+    against its reference; in float32 to a few units of its rounding at these sizes."""
+    entry, reference, make_arguments, node = FUSED[case]
+    generator = torch.Generator().manual_seed(7)
+    arguments = [a.to(device, dtype).requires_grad_() for a in make_arguments(generator)]
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {
+        "rtol": 1e-5, "atol": 1e-5
+    }
+
+    fused, expected = _as_tuple(entry(*arguments)), _as_tuple(reference(*arguments))
+    assert node in _graph_nodes(*fused)  # the fused path, not the reference
+    for value, expected_value in zip(fused, expected, strict=True):
+        torch.testing.assert_close(value, expected_value, **tolerance)
+
+    cotangents = [
+        torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device, dtype)
+        .requires_grad_()
+        for t in expected
+    ]
+    directions = [
+        torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device, dtype)
+        for t in arguments
+    ]
+
+    def derivatives(outputs: tuple[torch.Tensor, ...]):
+        # the first by the fused backward pass (no graph), the second through the graph of
+        # the first: d/d(inputs, cotangents) of <vjp, directions>, i.e. Hessian-vector
+        # products and a Jacobian-vector product (the derivative in the cotangent)
+        vjp = torch.autograd.grad(outputs, arguments, cotangents, retain_graph=True)
+        vjp_graph = torch.autograd.grad(outputs, arguments, cotangents, create_graph=True)
+        inner = sum((g * v).sum() for g, v in zip(vjp_graph, directions, strict=True))
+        return vjp + vjp_graph, torch.autograd.grad(inner, arguments + cotangents)
+
+    (vjp, second), (vjp_expected, second_expected) = (
+        derivatives(fused), derivatives(_as_tuple(reference(*arguments)))
+    )
+    for value, expected_value in zip(vjp + second, vjp_expected + second_expected, strict=True):
+        torch.testing.assert_close(value, expected_value, **tolerance)
+    assert max(value.abs().max() for value in second) > 0.1
+
+
+@pytest.mark.parametrize("case", list(FUSED))
+def test_fused_function_derivatives_match_finite_differences(case: str) -> None:
+    """gradcheck and gradgradcheck of the fused Function in float64: its hand-written first
+    derivatives, and the second derivatives taken through its backward pass."""
+    entry, _, make_arguments, _ = FUSED[case]
+    arguments = [a.requires_grad_() for a in make_arguments(torch.Generator().manual_seed(8))]
+    assert torch.autograd.gradcheck(entry, arguments)
+    assert torch.autograd.gradgradcheck(entry, arguments)
+
+
+def test_fused_backward_passes_respect_needs_input_grad() -> None:
+    """Only some inputs requiring gradients (as the triangular kind's constant Q): those get
+    the reference's gradient, in ordinary and in double backward passes."""
+    generator = torch.Generator().manual_seed(9)
+    cases = [
+        (_sylvester_rows, _sylvester_rows_reference, _rows_arguments(2, generator), [1, 4]),
+        (_sylvester_rows, _sylvester_rows_reference, _rows_arguments(2, generator), [0]),
+        (
+            _shared_projections, _shared_projections_reference,
+            _projections_arguments(2, 4, 4, generator), [1, 2],
+        ),
+        (
+            _shared_projections, _shared_projections_reference,
+            _projections_arguments(1, 5, 3, generator), [0],
+        ),
+    ]
+    for entry, reference, arguments, wanted in cases:
+        for index in wanted:
+            arguments[index].requires_grad_()
+        inputs = [arguments[index] for index in wanted]
+        weights = [
+            torch.randn(t.shape, generator=generator, dtype=torch.float64)
+            for t in _as_tuple(reference(*arguments))
+        ]
+
+        def loss(outputs) -> torch.Tensor:
+            return sum((w * o.sin()).sum() for w, o in zip(weights, outputs, strict=True))
+
+        for create_graph in (False, True):
+            fused = torch.autograd.grad(loss(entry(*arguments)), inputs, create_graph=create_graph)
+            expected = torch.autograd.grad(loss(reference(*arguments)), inputs)
+            for value, expected_value in zip(fused, expected, strict=True):
+                torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
+
+
+def test_ordinary_autograd_takes_the_fused_nodes() -> None:
+    """Outside torch.func a plain flow's graph holds the three fused nodes (the fast path)."""
+    module = _build("householder-stack", conditional=False)
+    x = _inputs(B, D).requires_grad_()
+    assert {"_SylvesterRowsBackward", "_SharedProjectionsBackward",
+            "_HouseholderMatrixBackward"} <= _graph_nodes(*module.call_and_ladj(x))
+
+
+class _FlowMap(torch.nn.Module):
+    """A flow module, conditioned on ``context`` when given, as the map ``x -> (y, log|det J|)``
+    (for ``functional_call``)."""
+
+    def __init__(self, flow: torch.nn.Module, context: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.flow = flow
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        transform = _transform(self.flow, self.context)
+        y = transform(x)
+        return y, transform.log_abs_det_jacobian(x, y)
+
+
+class _LogDensity(torch.nn.Module):
+    """The log-density of the flow posterior q = TransformedDistribution(N(0, I), [flow]),
+    summed over fixed ``points`` (scored through the inverse), plus the guide's part of a KL
+    estimate, log q(z) - log p(z) at z = flow(eps) (scored from the cache), for a fixed base
+    sample ``eps`` and p = N(0.5, 2^2)."""
+
+    def __init__(self, flow: torch.nn.Module, context: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.flow = flow
+        self.context = context
+
+    def forward(self, points: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        transform = _transform(self.flow, self.context)
+        zeros = torch.zeros(D, dtype=points.dtype)
+        posterior = dist.TransformedDistribution(dist.Normal(zeros, 1.0).to_event(1), [transform])
+        total = posterior.log_prob(points).sum()
+        if eps is not None:
+            z = transform(eps)
+            prior = dist.Normal(zeros + 0.5, 2.0).to_event(1)
+            total = total + (posterior.log_prob(z) - prior.log_prob(z)).sum()
+        return total
+
+
+def _gradient_differences(function, point: torch.Tensor, step: float = 1e-5) -> torch.Tensor:
+    """(n, n) central differences, with ``step``, of autograd's gradient of a scalar function
+    of ``point`` (n numbers)."""
+
+    def gradient(at: torch.Tensor) -> torch.Tensor:
+        at = at.detach().requires_grad_()
+        return torch.autograd.grad(function(at), at)[0].reshape(-1)
+
+    columns = []
+    for j in range(point.numel()):
+        shift = torch.zeros(point.numel(), dtype=point.dtype)
+        shift[j] = step
+        shift = shift.view(point.shape)
+        columns.append((gradient(point + shift) - gradient(point - shift)) / (2 * step))
+    return torch.stack(columns, dim=1)
+
+
+def _assert_hessian_matches_differences(function, point: torch.Tensor) -> None:
+    hessian = torch.autograd.functional.hessian(function, point).reshape(
+        point.numel(), point.numel()
+    )
+    differences = _gradient_differences(function, point)
+    scale = differences.abs().max()
+    assert scale > 0.1
+    torch.testing.assert_close(hessian, differences, rtol=0, atol=1e-6 * scale.item())
+
+
+HESSIAN_CASES = ["orthogonal-bottleneck", "householder", "triangular-permuted", "householder-flow",
+                 "orthogonal-stack", "householder-stack", "triangular-stack"]
+
+
+@pytest.mark.parametrize("name, conditional", _modules(HESSIAN_CASES))
+def test_log_density_hessian_in_the_point_matches_finite_differences(
+    name: str, conditional: bool
+) -> None:
+    """The Hessian of log q(x) in x, through the inverse (its implicit-function derivatives
+    must be exact to the second order), in float64, to 1e-6 of its largest entry."""
+    module = _build(name, conditional)
+    context = _inputs(2, C, seed=2) if conditional else None
+    log_density = _LogDensity(module, context)
+    _assert_hessian_matches_differences(
+        lambda x: log_density(x.clone()), _inputs(2, D, seed=3)  # a new x: no cached answer
+    )
+
+
+@pytest.mark.parametrize("name, conditional", _modules(HESSIAN_CASES))
+def test_log_density_hessian_in_the_parameters_matches_finite_differences(
+    name: str, conditional: bool
+) -> None:
+    """The Hessian, in two entries of every parameter tensor, of log q at fixed points plus
+    log q(z) - log p(z) at z = flow(eps): the fused nodes' second derivatives (plain flows),
+    the inverse's and the hypernetworks' (conditional ones), in float64, to 1e-6 of its
+    largest entry."""
+    module = _build(name, conditional)
+    context = _inputs(2, C, seed=2) if conditional else None
+    log_density = _LogDensity(module, context)
+    points, eps = _inputs(2, D, seed=3), _inputs(2, D, seed=4, scale=1.0)
+    generator = torch.Generator().manual_seed(5)
+    named = {f"flow.{key}": value.detach() for key, value in module.named_parameters()}
+    chosen = {  # two flat indices per parameter tensor
+        key: torch.randperm(value.numel(), generator=generator)[:2] for key, value in named.items()
+    }
+    start = torch.cat([named[key].reshape(-1)[index] for key, index in chosen.items()])
+
+    def function(entries: torch.Tensor) -> torch.Tensor:
+        parameters = {}
+        for (key, index), values in zip(chosen.items(), entries.split(2), strict=True):
+            parameters[key] = named[key].reshape(-1).index_put((index,), values).view_as(
+                named[key]
+            )
+        return functional_call(log_density, parameters, (points.clone(), eps.clone()))
+
+    _assert_hessian_matches_differences(function, start)
+
+
+@parametrize_modules
+def test_torch_func_transforms_match_autograd(name: str, conditional: bool) -> None:
+    """torch.func.grad (in the input and in the parameters), vmap, jacrev and jacfwd through
+    the flow's forward map and log_abs_det_jacobian equal ordinary autograd."""
+    module = _build(name, conditional)
+    context = _inputs(B, C, seed=2) if conditional else None
+    flow_map = _FlowMap(module, context)
+    x = _inputs(B, D)
+    weights = _inputs(B, D, seed=6)
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        y, log_det = flow_map(x)
+        return (weights * y.sin()).sum() + log_det.square().sum()
+
+    x_leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(score(x_leaf), x_leaf)[0]
+    torch.testing.assert_close(torch.func.grad(score)(x.clone()), expected, rtol=1e-12,
+                               atol=1e-12)
+
+    names = [key for key, _ in module.named_parameters()]
+    parameters = {f"flow.{key}": value.detach() for key, value in module.named_parameters()}
+
+    def score_of_parameters(parameters: dict, x: torch.Tensor) -> torch.Tensor:
+        y, log_det = functional_call(flow_map, parameters, (x,))
+        return (weights * y.sin()).sum() + log_det.square().sum()
+
+    gradients = torch.func.grad(score_of_parameters)(parameters, x.clone())
+    expected = torch.autograd.grad(score(x.clone()), list(module.parameters()))
+    for key, expected_gradient in zip(names, expected, strict=True):
+        torch.testing.assert_close(gradients[f"flow.{key}"], expected_gradient, rtol=1e-12,
+                                   atol=1e-12)
+
+    def point_map(x_point: torch.Tensor, context_point: torch.Tensor | None):
+        return _FlowMap(module, context_point)(x_point)
+
+    in_dims = (0, 0 if conditional else None)
+    y_expected, log_det_expected = flow_map(x.clone())
+    y, log_det = torch.func.vmap(point_map, in_dims)(x, context)
+    torch.testing.assert_close(y, y_expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_det, log_det_expected, rtol=1e-12, atol=1e-12)
+
+    context_point = None if context is None else context[1]
+    expected = jacobian(lambda x_point: point_map(x_point, context_point), x[1].clone())
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        found = transform(point_map)(x[1], context_point)
+        for value, expected_value in zip(found, expected, strict=True):
+            torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)

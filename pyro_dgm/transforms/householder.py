@@ -51,9 +51,10 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from pyro.nn import DenseNN
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.distributions import Transform, constraints
 from torch.nn import functional as F
+
+from .._fused import cache_forward_signature, needs_reference, reference_vjp
 
 
 class _Reflections:
@@ -117,10 +118,12 @@ class _CompactReflections:
         return a - self.dual.mT @ (self.vectors @ a)
 
 
+@cache_forward_signature
 class _HouseholderMatrix(torch.autograd.Function):
     """:math:`Q = H_1 \\cdots H_K = I - U T^{-1} U^T` as a (D, D) matrix, from the reflection
     vectors ``(K, D)`` (the rows of :math:`U^T`; module documentation), or a stack of them,
-    (S, D, D) from (S, K, D), with a hand-written backward pass.
+    (S, D, D) from (S, K, D), with a hand-written backward pass; :func:`_householder_matrix` is
+    the entry point, and :func:`_householder_matrix_reference` the same map in plain torch.
 
     Writing :math:`P = T^{-T} U^T` (K, D), so that :math:`Q = I - P^T U^T`, and :math:`G` for
     the incoming gradient with respect to :math:`Q`, the gradient with respect to :math:`U^T` is
@@ -134,35 +137,66 @@ class _HouseholderMatrix(torch.autograd.Function):
     from :math:`T^T P = U^T` and :math:`T = \\operatorname{triu}(U^T U, 1) +
     \\tfrac12 \\operatorname{diag}(U^T U)`: four small GEMMs and one triangular solve, where
     autograd's graph of the Gram matrix, the diagonal scatter and the solve took about twice as
-    long (K = 33, D = 64). Not itself differentiable.
+    long (K = 33, D = 64). Higher derivatives come from the reference
+    (:func:`pyro_dgm._fused.reference_vjp`). The forward pass also returns the list
+    ``[T, P]`` (a non-tensor output) for the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, vectors: Tensor) -> Tensor:
-        ctx.stack_of_one = _is_stack_of_one(vectors)
-        if ctx.stack_of_one:
+    def forward(vectors: Tensor) -> tuple[Tensor, list[Tensor]]:
+        stack_of_one = _is_stack_of_one(vectors)
+        if stack_of_one:
             vectors = vectors[0]
         t = (vectors @ vectors.mT).triu_()
         t.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         dual = torch.linalg.solve_triangular(t.mT, vectors, upper=False)  # P = T^-T U^T
         eye = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
-        ctx.save_for_backward(vectors, t, dual)
         q = _addmm(vectors)(eye, dual.mT, vectors, alpha=-1)
-        return q.unsqueeze(0) if ctx.stack_of_one else q
+        return (q.unsqueeze(0) if stack_of_one else q), [t, dual]
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_q: Tensor) -> Tensor:
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, list[Tensor]]) -> None:
+        (vectors,) = inputs
+        _, (t, dual) = output
+        ctx.save_for_backward(vectors, t, dual)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, _: None) -> Tensor | None:
         vectors, t, dual = ctx.saved_tensors
-        if ctx.stack_of_one:
-            grad_q = grad_q[0]
+        if torch.is_grad_enabled():  # a derivative of this gradient is being taken
+            return reference_vjp(
+                _householder_matrix_reference, (vectors,), (grad_q,), ctx.needs_input_grad
+            )[0]
+        stack_of_one = _is_stack_of_one(vectors)
+        if stack_of_one:
+            vectors, grad_q = vectors[0], grad_q[0]
         grad_dual = vectors @ grad_q.mT  # -G_P
         solved = torch.linalg.solve_triangular(t, grad_dual, upper=True)  # -T^-1 G_P
         grad_t = (dual @ solved.mT).triu_()  # G_T (the signs cancel)
         grad_t.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         grad_gram = grad_t + grad_t.mT
         grad = _addmm(vectors)(dual @ grad_q, grad_gram, vectors, alpha=-1).add_(solved).neg_()
-        return grad.unsqueeze(0) if ctx.stack_of_one else grad
+        return grad.unsqueeze(0) if stack_of_one else grad
+
+
+def _householder_matrix_reference(vectors: Tensor) -> Tensor:
+    """:math:`I - U T^{-1} U^T` of :class:`_HouseholderMatrix` in plain torch (no in-place
+    operations), differentiable to any order and under ``torch.func`` transforms: vectors
+    ``(..., K, D)`` to matrices ``(..., D, D)``."""
+    gram = vectors @ vectors.mT
+    t = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
+    dual = torch.linalg.solve_triangular(t.mT, vectors, upper=False)
+    eye = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+    return eye - dual.mT @ vectors
+
+
+def _householder_matrix(vectors: Tensor) -> Tensor:
+    """:math:`Q = H_1 \\cdots H_K` (..., D, D) from reflection vectors (K, D) or (S, K, D): the
+    fused :class:`_HouseholderMatrix`, or its reference under ``torch.func`` transforms and
+    forward-mode AD."""
+    if needs_reference(vectors):
+        return _householder_matrix_reference(vectors)
+    return _HouseholderMatrix.apply(vectors)[0]
 
 
 def _addmm(like: Tensor):

@@ -50,9 +50,10 @@ whole batch at once. The result is backward stable: it reproduces :math:`\mathbf
 rounding; its distance from the exact preimage is that rounding times the condition number of
 :math:`J`, which large off-diagonal entries can make big (:math:`10^7` for random amortized
 factors with :math:`M = 64`: use float64 to invert such flows accurately). The iterations run
-without gradient tracking; a correction that is zero in value and carries the implicit-function
-derivative :math:`-J^{-1} \partial \mathbf{g}` makes the inverse differentiable in
-:math:`\mathbf{z}'` and in the parameters.
+without gradient tracking; two Newton steps from their solution, taken with gradient tracking
+and kept out of the value, carry the implicit-function derivatives of the inverse in
+:math:`\mathbf{z}'` and in the parameters, exact up to the third order (so that Hessians
+through the inverse are exact too).
 
 References:
 
@@ -82,10 +83,10 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from pyro.nn import DenseNN
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.distributions import Transform, constraints
 
-from .householder import _addmm, _householder_product, _HouseholderMatrix, _is_stack_of_one
+from .._fused import cache_forward_signature, needs_reference, reference_vjp
+from .householder import _addmm, _householder_matrix, _householder_product, _is_stack_of_one
 
 Kind = Literal["orthogonal", "householder", "triangular"]
 
@@ -235,9 +236,11 @@ class _PermutationBasis:
         return a.flip(-2) if self.reverse else a
 
 
+@cache_forward_signature
 class _SylvesterRows(torch.autograd.Function):
     """A stack of flows and the sum of their log-determinants on rows ``x`` (N, D), for shared
-    factors, as one autograd node.
+    factors, as one autograd node; :func:`_sylvester_rows` is the entry point, and
+    :func:`_sylvester_rows_reference` the same map in plain torch.
 
     Flow k maps ``x`` to ``x + h(x E_k + b_k) F_k`` with ``log|det J_k| = sum_i log(1 + d_ki
     h'_ki)``, where ``E_k = Q_k R~_k^T`` (D, M), ``F_k = R_k^T Q_k^T`` (M, D), ``d_k =
@@ -247,20 +250,21 @@ class _SylvesterRows(torch.autograd.Function):
     with ``u = s - s^2`` (see :func:`_tanh_and_slope`), so that a flow's forward pass is two
     GEMMs, one sigmoid and five elementwise operations over the (N, M) rows, and its backward
     pass four GEMMs and seven. The hand-written backward pass runs the flows in reverse,
-    reuses ``h``, ``u`` and ``1 + d h'`` from the forward pass, works in place on its own
-    temporaries and writes each flow's parameter gradients into one tensor per factor: one
-    node for the whole stack, where a node per flow (and autograd's accumulation into slices of
-    the stacked parameters) took a quarter longer (D = 64, batch 1024, 8 flows, two threads:
-    13.2 against 16.6 ms). It is not itself differentiable (no double backward).
+    reuses ``h``, ``u`` and ``1 + d h'`` from the forward pass (returned, with each flow's
+    input, in a list: a non-tensor output), works in place on its own temporaries and writes
+    each flow's parameter gradients into one tensor per factor: one node for the whole stack,
+    where a node per flow (and autograd's accumulation into slices of the stacked parameters)
+    took a quarter longer (D = 64, batch 1024, 8 flows, two threads: 13.2 against 16.6 ms).
+    Higher derivatives come from the reference (:func:`pyro_dgm._fused.reference_vjp`).
     """
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, encoders: Tensor, biases: Tensor, decoders: Tensor, diagonals: Tensor
-    ) -> tuple[Tensor, Tensor]:
+        x: Tensor, encoders: Tensor, biases: Tensor, decoders: Tensor, diagonals: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         diagonals_4 = 4 * diagonals
         one = diagonals.new_ones(())
-        saved = []
+        per_flow = []  # input, h, h' / 4 and 1 + d h' of each flow
         log_det = None
         for encoder, bias, decoder, diagonal_4 in zip(
             encoders.unbind(0), biases.unbind(0), decoders.unbind(0), diagonals_4.unbind(0),
@@ -270,43 +274,88 @@ class _SylvesterRows(torch.autograd.Function):
             u = torch.addcmul(s, s, s, value=-1)  # h' / 4
             one_plus = torch.addcmul(one, u, diagonal_4)  # 1 + d h'
             activation = s.mul_(2).sub_(1)
-            saved += [x, activation, u, one_plus]
+            per_flow += [x, activation, u, one_plus]
             x = torch.addmm(x, activation, decoder)
             term = _sum_log(one_plus)
             log_det = term if log_det is None else log_det.add_(term)
-        ctx.save_for_backward(encoders, decoders, diagonals_4, *saved)
-        return x, log_det
+        return x, log_det, per_flow
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: Tensor, grad_log_det: Tensor) -> tuple[Tensor | None, ...]:
-        encoders, decoders, diagonals_4, *saved = ctx.saved_tensors
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple) -> None:
+        x, encoders, biases, decoders, diagonals = inputs
+        _, _, per_flow = output
+        ctx.save_for_backward(x, encoders, biases, decoders, diagonals, *per_flow)
+
+    @staticmethod
+    def backward(
+        ctx, grad_y: Tensor, grad_log_det: Tensor, _: None
+    ) -> tuple[Tensor | None, ...]:
+        x, encoders, biases, decoders, diagonals, *per_flow = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a derivative of this gradient is being taken
+            return reference_vjp(
+                _sylvester_rows_reference, (x, encoders, biases, decoders, diagonals),
+                (grad_y, grad_log_det), ctx.needs_input_grad,
+            )
+        need_x, need_encoders, need_biases, need_decoders, need_diagonals = ctx.needs_input_grad
         count = encoders.shape[0]
+        diagonals_4 = 4 * diagonals
         grad_log_det = grad_log_det.unsqueeze(-1)
         grads: list[tuple[Tensor, ...]] = []  # per flow, last first
         for encoder, decoder, diagonal_4, k in zip(
             encoders.unbind(0)[::-1], decoders.unbind(0)[::-1], diagonals_4.unbind(0)[::-1],
             reversed(range(count)), strict=True,
         ):
-            x, activation, u, one_plus = saved[4 * k : 4 * k + 4]
+            x_k, activation, u, one_plus = per_flow[4 * k : 4 * k + 4]
             # weight = g / (1 + d h'); with dh'/dpre = -2 h h' (pre = x E + b), the gradient
             # with respect to pre is (g_y F^T - 2 weight d h) h' = 4 u (g_y F^T - weight d_4 h / 2)
             weight = one_plus.reciprocal().mul_(grad_log_det)
             grad_pre = (grad_y @ decoder.mT).addcmul_(activation, weight * diagonal_4, value=-0.5)
             grad_pre.mul_(u)  # a quarter of the gradient with respect to pre
             grads.append((
-                (x.mT @ grad_pre).mul_(4),
-                grad_pre.sum(0).mul_(4),
-                activation.mT @ grad_y,
-                weight.mul_(u).sum(0).mul_(4),
+                (x_k.mT @ grad_pre).mul_(4) if need_encoders else None,
+                grad_pre.sum(0).mul_(4) if need_biases else None,
+                activation.mT @ grad_y if need_decoders else None,
+                weight.mul_(u).sum(0).mul_(4) if need_diagonals else None,
             ))
-            if k > 0 or ctx.needs_input_grad[0]:
+            if k > 0 or need_x:
                 grad_y = torch.addmm(grad_y, grad_pre, encoder.mT, alpha=4)
-        stacked = (
-            [grad.unsqueeze(0) for grad in grads[0]] if count == 1
-            else [torch.stack(per_flow[::-1]) for per_flow in zip(*grads, strict=True)]
-        )
-        return grad_y if ctx.needs_input_grad[0] else None, *stacked
+        stacked = [  # per factor, over the flows in order
+            None if factor[0] is None
+            else factor[0].unsqueeze(0) if count == 1 else torch.stack(factor[::-1])
+            for factor in zip(*grads, strict=True)
+        ]
+        return grad_y if need_x else None, *stacked
+
+
+def _sylvester_rows_reference(
+    x: Tensor, encoders: Tensor, biases: Tensor, decoders: Tensor, diagonals: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The map of :class:`_SylvesterRows` in plain torch (no in-place operations),
+    differentiable to any order and under ``torch.func`` transforms: ``x`` (..., D) to the
+    output (..., D) and the summed log-determinant (...)."""
+    log_det = None
+    for encoder, bias, decoder, diagonal in zip(
+        encoders.unbind(0), biases.unbind(0), decoders.unbind(0), diagonals.unbind(0),
+        strict=True,
+    ):
+        activation = torch.tanh(x @ encoder + bias)
+        term = torch.log1p((1 - activation.square()) * diagonal).sum(-1)
+        log_det = term if log_det is None else log_det + term
+        x = x + activation @ decoder
+    return x, log_det
+
+
+def _sylvester_rows(
+    z: Tensor, encoders: Tensor, biases: Tensor, decoders: Tensor, diagonals: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The flows of :class:`_SylvesterRows` on ``z`` (..., D): the output (..., D) and the
+    summed log-determinant (...), fused, or by the reference under ``torch.func`` transforms
+    and forward-mode AD."""
+    if needs_reference(z, encoders, biases, decoders, diagonals):
+        return _sylvester_rows_reference(z, encoders, biases, decoders, diagonals)
+    rows = z.reshape(-1, z.shape[-1])
+    z_new, log_det, _ = _SylvesterRows.apply(rows, encoders, biases, decoders, diagonals)
+    return z_new.view(z.shape), log_det.view(z.shape[:-1])
 
 
 def _sum_log(positive: Tensor) -> Tensor:
@@ -326,10 +375,12 @@ def _sum_log(positive: Tensor) -> Tensor:
     return positive.log().sum(-1)
 
 
+@cache_forward_signature
 class _SharedProjections(torch.autograd.Function):
     """``(E, F, d)`` of :class:`_SylvesterRows` for a stack of K flows, from :math:`Q`
     (K, D, M) and the free parameters of :func:`_triangular_factors`, ``square`` (K, M, M) and
-    ``diag_tilde`` (K, M).
+    ``diag_tilde`` (K, M); :func:`_shared_projections` is the entry point, and
+    :func:`_shared_projections_reference` the same map in plain torch.
 
     With :math:`L` and :math:`U` the strict lower and upper triangles of ``square`` and
     :math:`d, \\tilde d` the two tanh diagonals, :math:`R = U + \\operatorname{diag}(d)` and
@@ -339,50 +390,93 @@ class _SharedProjections(torch.autograd.Function):
     scalings fused in. The hand-written backward pass takes four more and a few (K, M, M)
     operations, where autograd's graph of the triangles, the diagonal scatters and the
     concatenation took three times as long for D = M = 64 (the benchmark's flows). All K flows
-    in one call: the cost of these small operations does not grow with K. Not itself
-    differentiable.
+    in one call: the cost of these small operations does not grow with K. The forward pass
+    also returns the list ``[L, U, d, d~]`` (a non-tensor output) for the backward pass;
+    higher derivatives come from the reference (:func:`pyro_dgm._fused.reference_vjp`).
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, square: Tensor, diag_tilde: Tensor) -> tuple[Tensor, ...]:
-        ctx.stack_of_one = _is_stack_of_one(q)
-        if ctx.stack_of_one:
+    def forward(
+        q: Tensor, square: Tensor, diag_tilde: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        stack_of_one = _is_stack_of_one(q)
+        if stack_of_one:
             q, square, diag_tilde = q[0], square[0], diag_tilde[0]
         addmm = _addmm(q)
         diag_r, diag_t = square.diagonal(dim1=-2, dim2=-1).tanh(), diag_tilde.tanh()
         lower, upper = square.tril(-1), square.triu(1)
         encoder = addmm(q * diag_t.unsqueeze(-2), q, lower)
         q_r = addmm(q * diag_r.unsqueeze(-2), q, upper)
-        ctx.save_for_backward(q, lower, upper, diag_r, diag_t)
         outputs = encoder, q_r.mT, diag_r * diag_t
-        return tuple(t.unsqueeze(0) for t in outputs) if ctx.stack_of_one else outputs
+        if stack_of_one:
+            outputs = tuple(t.unsqueeze(0) for t in outputs)
+        return *outputs, [lower, upper, diag_r, diag_t]
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_encoder: Tensor, grad_decoder: Tensor, grad_diagonal: Tensor):
-        q, lower, upper, diag_r, diag_t = ctx.saved_tensors
-        if ctx.stack_of_one:
-            grad_encoder, grad_decoder, grad_diagonal = (
-                grad[0] for grad in (grad_encoder, grad_decoder, grad_diagonal)
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple) -> None:
+        q, square, diag_tilde = inputs
+        *_, (lower, upper, diag_r, diag_t) = output
+        ctx.save_for_backward(q, square, diag_tilde, lower, upper, diag_r, diag_t)
+
+    @staticmethod
+    def backward(
+        ctx, grad_encoder: Tensor, grad_decoder: Tensor, grad_diagonal: Tensor, _: None
+    ) -> tuple[Tensor | None, ...]:
+        q, square, diag_tilde, lower, upper, diag_r, diag_t = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a derivative of this gradient is being taken
+            return reference_vjp(
+                _shared_projections_reference, (q, square, diag_tilde),
+                (grad_encoder, grad_decoder, grad_diagonal), ctx.needs_input_grad,
+            )
+        need_q, need_square, need_diag_tilde = ctx.needs_input_grad
+        stack_of_one = _is_stack_of_one(q)
+        if stack_of_one:
+            q, grad_encoder, grad_decoder, grad_diagonal = (
+                tensor[0] for tensor in (q, grad_encoder, grad_decoder, grad_diagonal)
             )
         addmm = _addmm(q)
         grad_q_r = grad_decoder.mT
-        grad_q = None
-        if ctx.needs_input_grad[0]:  # E = Q R~^T and Q R: Q gets g_E R~ + g_QR R^T
+        grad_q = grad_square = grad_diag_tilde = None
+        if need_q:  # E = Q R~^T and Q R: Q gets g_E R~ + g_QR R^T
             grad_q = addmm(grad_encoder * diag_t.unsqueeze(-2), grad_encoder, lower.mT)
             grad_q = addmm(grad_q, grad_q_r, upper.mT).addcmul_(grad_q_r, diag_r.unsqueeze(-2))
-        grad_r_tilde_t = q.mT @ grad_encoder  # with respect to R~^T
-        grad_r = q.mT @ grad_q_r
-        grad_diag_r = torch.addcmul(grad_r.diagonal(dim1=-2, dim2=-1), grad_diagonal, diag_t)
-        grad_diag_t = torch.addcmul(
-            grad_r_tilde_t.diagonal(dim1=-2, dim2=-1), grad_diagonal, diag_r
-        )
-        grad_square = grad_r_tilde_t.tril_(-1).add_(grad_r.triu(1))
-        grad_square.diagonal(dim1=-2, dim2=-1).copy_(grad_diag_r * (1 - diag_r.square()))
-        grads = grad_q, grad_square, grad_diag_t * (1 - diag_t.square())
-        if ctx.stack_of_one:
+        if need_square or need_diag_tilde:
+            grad_r_tilde_t = q.mT @ grad_encoder  # with respect to R~^T
+            grad_r = q.mT @ grad_q_r
+            grad_diag_r = torch.addcmul(grad_r.diagonal(dim1=-2, dim2=-1), grad_diagonal, diag_t)
+            grad_diag_t = torch.addcmul(
+                grad_r_tilde_t.diagonal(dim1=-2, dim2=-1), grad_diagonal, diag_r
+            )
+            grad_square = grad_r_tilde_t.tril_(-1).add_(grad_r.triu(1))
+            grad_square.diagonal(dim1=-2, dim2=-1).copy_(grad_diag_r * (1 - diag_r.square()))
+            grad_diag_tilde = grad_diag_t * (1 - diag_t.square())
+        grads = grad_q, grad_square, grad_diag_tilde
+        if stack_of_one:
             return tuple(None if grad is None else grad.unsqueeze(0) for grad in grads)
         return grads
+
+
+def _shared_projections_reference(
+    q: Tensor, square: Tensor, diag_tilde: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The map of :class:`_SharedProjections` in plain torch (no in-place operations),
+    differentiable to any order and under ``torch.func`` transforms: ``(E, F, d)`` of shapes
+    (..., D, M), (..., M, D) and (..., M) from ``q`` (..., D, M), ``square`` (..., M, M) and
+    ``diag_tilde`` (..., M)."""
+    r, r_tilde = _triangular_factors(square, diag_tilde)
+    diagonal = r.diagonal(dim1=-2, dim2=-1) * r_tilde.diagonal(dim1=-2, dim2=-1)
+    return q @ r_tilde.mT, (q @ r).mT, diagonal
+
+
+def _shared_projections(
+    q: Tensor, square: Tensor, diag_tilde: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(E, F, d)`` of a stack of flows (:class:`_SharedProjections`), fused, or by the
+    reference under ``torch.func`` transforms and forward-mode AD."""
+    if needs_reference(q, square, diag_tilde):
+        return _shared_projections_reference(q, square, diag_tilde)
+    encoders, decoders, diagonals, _ = _SharedProjections.apply(q, square, diag_tilde)
+    return encoders, decoders, diagonals
 
 
 class _Factors:
@@ -424,12 +518,10 @@ class _Factors:
         """:math:`\\mathbf{z} + Q R h(\\tilde R Q^T \\mathbf{z} + \\mathbf{b})` and its
         log-determinant."""
         if self.fused:
-            rows = z.reshape(-1, z.shape[-1])
-            z_new, log_det = _SylvesterRows.apply(
-                rows, *(t.unsqueeze(0) for t in (self.encoder, self.bias, self.decoder,
-                                                   self.diagonal))
+            return _sylvester_rows(
+                z, *(t.unsqueeze(0) for t in (self.encoder, self.bias, self.decoder,
+                                               self.diagonal))
             )
-            return z_new.view(z.shape), log_det.view(z.shape[:-1])
         activation, slope = _tanh_and_slope(2 * self.preactivation(z))
         return z + self.update(activation), self.log_abs_det(slope)
 
@@ -466,15 +558,21 @@ class _Factors:
                 )
             if not any(t.requires_grad for t in (c, r, r_tilde, bias)):
                 return activation
-            eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+        # Implicit differentiation: two Newton steps from the root v0 (a constant), with the
+        # triangular J = I + R diag(h') R~ a function of the parameters, differ from the root
+        # v(c, R, R~, b) by O(|v0 - v|^4) (each step squares the error), so their first three
+        # derivatives are the root's; one step, or steps with a constant J, would leave the
+        # second derivatives (a Hessian through the inverse) wrong. The value stays v0.
+        eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+        newton = v
+        for _ in range(2):
+            activation = torch.tanh(_matvec(r_tilde, newton) + bias)
+            g = newton + _matvec(r, activation) - c
             jacobian = eye + (r * (1 - activation.square()).unsqueeze(-2)) @ r_tilde
-        # Implicit differentiation: a correction that is zero in value and has the derivative
-        # -J^{-1} dg of the root v(c, R, R~, b) of g, for one triangular solve.
-        g = v + _matvec(r, torch.tanh(_matvec(r_tilde, v) + bias)) - c
-        correction = torch.linalg.solve_triangular(
-            jacobian, (g - g.detach()).unsqueeze(-1), upper=True
-        )[..., 0]
-        return torch.tanh(_matvec(r_tilde, v - correction) + bias)
+            newton = newton - torch.linalg.solve_triangular(
+                jacobian, g.unsqueeze(-1), upper=True
+            )[..., 0]
+        return torch.tanh(_matvec(r_tilde, v + (newton - newton.detach())) + bias)
 
 
 class _StackedFactors:
@@ -488,19 +586,13 @@ class _StackedFactors:
         self.q_matrix = q
         self.bias = bias
         self._free = (square, diag_tilde)
-        self.encoders, self.decoders, self.diagonals = _SharedProjections.apply(
-            q, square, diag_tilde
-        )
+        self.encoders, self.decoders, self.diagonals = _shared_projections(q, square, diag_tilde)
 
     def q(self) -> Tensor:
         return self.q_matrix
 
     def apply(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        rows = z.reshape(-1, z.shape[-1])
-        z_new, log_det = _SylvesterRows.apply(
-            rows, self.encoders, self.bias, self.decoders, self.diagonals
-        )
-        return z_new.view(z.shape), log_det.view(z.shape[:-1])
+        return _sylvester_rows(z, self.encoders, self.bias, self.decoders, self.diagonals)
 
     def log_abs_det_at(self, z: Tensor) -> Tensor:
         return self.apply(z)[1]
@@ -787,7 +879,7 @@ class Sylvester(_SylvesterTransform, TransformModule):
         if self.kind == "orthogonal":
             q = _orthogonalize(self.q_free, self.orthogonalization_steps)
         elif self.kind == "householder":
-            q = _HouseholderMatrix.apply(self.householder_vectors)
+            q = _householder_matrix(self.householder_vectors)
         else:
             q = self.permutations
         return _StackedFactors(q, self.triangular, self.diag_tilde, self.bias)
