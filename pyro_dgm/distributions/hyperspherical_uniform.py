@@ -59,8 +59,7 @@ class HypersphericalUniform(TorchDistribution):
         device: torch.device | str | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
-            raise ValueError(f"dim must be an integer >= 2 (the ambient dimension), got {dim!r}")
+        _check_dim(dim)
         self.dim = dim
         # A 0-dim tensor that carries dtype and device, as distribution parameters would; filled
         # on the device (torch.full), not copied from the host, as it is built every step.
@@ -78,10 +77,30 @@ class HypersphericalUniform(TorchDistribution):
     def device(self) -> torch.device:
         return self._log_normalizer.device
 
+    @staticmethod
+    def infer_shapes(dim: int, batch_shape: torch.Size | tuple[int, ...] = ()):
+        """``(batch_shape, event_shape)`` of ``HypersphericalUniform(dim, batch_shape)``.
+
+        Unlike distributions with tensor parameters, whose ``infer_shapes`` takes the
+        parameters' shapes, this takes the constructor's own arguments: the event shape
+        ``(dim,)`` depends on the integer ``dim`` itself.
+
+        :raises ValueError: if ``dim`` is not an integer of at least 2.
+        """
+        _check_dim(dim)
+        return torch.Size(batch_shape), torch.Size([dim])
+
     def expand(self, batch_shape, _instance=None) -> HypersphericalUniform:
+        """As :meth:`torch.Tensor.expand` of the batch shape: only singleton dimensions grow,
+        and new dimensions are added on the left.
+
+        :raises RuntimeError: if ``batch_shape`` is not such an expansion of
+            :attr:`batch_shape` (as torch's distributions raise it).
+        """
         batch_shape = torch.Size(batch_shape)
         if batch_shape == self.batch_shape and _instance is None:
             return self  # immutable (Pyro's plates expand every site to its own shape)
+        _check_expansion(self.batch_shape, batch_shape)
         new = self._get_checked_instance(HypersphericalUniform, _instance)
         new.dim = self.dim
         new._log_normalizer = self._log_normalizer
@@ -113,4 +132,31 @@ class HypersphericalUniform(TorchDistribution):
 
     @property
     def variance(self) -> Tensor:
+        """:math:`1/m` per coordinate; shape ``batch_shape + (m,)``."""
         return self._log_normalizer.new_full(self.batch_shape + self.event_shape, 1 / self.dim)
+
+    @property
+    def covariance_matrix(self) -> Tensor:
+        """:math:`I / m`; shape ``batch_shape + (m, m)``."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device) / self.dim
+        return eye.expand(self.batch_shape + eye.shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim: {self.dim}, batch_shape: {self.batch_shape})"
+
+
+def _check_dim(dim: object) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an integer >= 2 (the ambient dimension), got {dim!r}")
+
+
+def _check_expansion(old: torch.Size, new: torch.Size) -> None:
+    """Raise as :meth:`torch.Tensor.expand` would for a tensor of shape ``old`` expanded to
+    ``new``, without creating one."""
+    if len(new) < len(old) or any(
+        size != 1 and size != target for size, target in zip(old, new[len(new) - len(old):])
+    ):
+        raise RuntimeError(
+            f"cannot expand batch shape {tuple(old)} to {tuple(new)}: only dimensions of size 1 "
+            "can grow, and new dimensions are added on the left"
+        )

@@ -10,7 +10,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
-from pyro_dgm.distributions.hyperspherical_uniform import log_sphere_surface_area
+from pyro_dgm.distributions.hyperspherical_uniform import _check_expansion, log_sphere_surface_area
 from pyro_dgm.distributions.von_mises_fisher import VonMisesFisher
 
 __all__ = ["VampPrior"]
@@ -130,7 +130,14 @@ class VampPrior(TorchDistribution):
         self.components = components
         super().__init__(torch.Size(), components.event_shape, validate_args=validate_args)
 
+    @classmethod
+    def infer_shapes(cls, **arg_shapes):
+        """Not implemented: the event shape is that of the encoder's output."""
+        raise NotImplementedError("VampPrior's shapes depend on its encoder, not on arg shapes")
+
     def expand(self, batch_shape, _instance=None) -> VampPrior:
+        """:raises RuntimeError: as :meth:`torch.Tensor.expand` for an invalid batch shape."""
+        _check_expansion(self.batch_shape, torch.Size(batch_shape))
         new = self._get_checked_instance(VampPrior, _instance)
         new.components = self.components
         super(VampPrior, new).__init__(
@@ -138,6 +145,10 @@ class VampPrior(TorchDistribution):
         )
         new._validate_args = self._validate_args
         return new
+
+    def __repr__(self) -> str:
+        return (f"VampPrior(num_components: {self.num_components}, components: "
+                f"{self.components!r}, batch_shape: {self.batch_shape})")
 
     @property
     def num_components(self) -> int:
