@@ -900,9 +900,8 @@ class _WoodTransform(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-# Measured against the reflection written with u, whose sign selections broadcast over short
-# rows: at n = 4096 on the CPU, forward and backward took 108 and 211 us (m = 11) and 207 and
-# 289 us (m = 65), against 303 and 277 us and 3.6 and 4.3 ms; at n = 64 both cost the same.
+# Faster than the reflection written with u, whose sign selections broadcast over short rows,
+# at large n (figures in benchmarks/README.md); at n = 64 both cost the same.
 @cache_forward_signature
 class _RotateFromPole(torch.autograd.Function):
     """The point :math:`x = (w, \\sqrt{1 - w^2}\\, t)` at cosine :math:`w` from :math:`e_1` and

@@ -16,11 +16,10 @@ of two ways, whichever is faster for where the vectors come from:
   by two :math:`D \times K` GEMMs, instead of :math:`K` rounds of small kernels forward and
   backward.
 * Per-data-point vectors (amortized): the reflections one after another, a dot product and a
-  fused multiply-add over the batch each. For :math:`K = 8, D = 64` and a batch of 1024
-  (forward and backward, one CPU thread) this took 6 ms, against 12 ms for the UT form (a batch
-  of small triangular solves, which the CPU runs as a loop) and 240 ms for multiplying out a
+  fused multiply-add over the batch each: about half the time of the UT form (a batch of small
+  triangular solves, which the CPU runs as a loop), and a small fraction of multiplying out a
   :math:`D \times D` matrix per data point as the reference code of the Sylvester flow paper
-  does.
+  does (figures in ``benchmarks/README.md``).
 
 References:
 

@@ -117,7 +117,7 @@ def _tanh_and_slope(twice: Tensor) -> tuple[Tensor, Tensor]:
 
 def _log1p(x: Tensor) -> Tensor:
     """``log1p(x)``, except for float32 on the CPU, where torch's ``log1p`` runs unvectorized
-    (0.8 ms for 1024 x 64 values against 0.08 ms for ``log``) and ``log(1 + x)`` is used: its
+    (about ten times slower than ``log``) and ``log(1 + x)`` is used: its
     absolute error, at most about 1.2e-7, is that of the float32 sums the log-determinants
     enter."""
     if x.dtype == torch.float32 and x.device.type == "cpu":
@@ -254,7 +254,7 @@ class _SylvesterRows(torch.autograd.Function):
     input, in a list: a non-tensor output), works in place on its own temporaries and writes
     each flow's parameter gradients into one tensor per factor: one node for the whole stack,
     where a node per flow (and autograd's accumulation into slices of the stacked parameters)
-    took a quarter longer (D = 64, batch 1024, 8 flows, two threads: 13.2 against 16.6 ms).
+    took a quarter longer (``benchmarks/bench_flows.py``).
     Higher derivatives come from the reference (:func:`pyro_dgm._fused.reference_vjp`).
     """
 
