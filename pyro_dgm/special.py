@@ -213,6 +213,21 @@ def _debye_log_iv_and_ratio(
     return log_iv, ratio
 
 
+def _debye_sums(u: float, terms: int, length: int) -> tuple[list[float], list[float]]:
+    """Coefficients (powers 0 .. ``length`` of p) of Debye's sums S_U(p) = sum_k U_k(p) / u^k
+    and S_W(p) = sum_k W_k(p) / u^k over ``terms`` terms, at the order u."""
+    sum_u, sum_w = [0.0] * (length + 1), [0.0] * (length + 1)
+    polynomials = _debye_polynomials(terms)
+    for k, polynomial in enumerate(polynomials):
+        weight = u**-k
+        for power, coefficient in enumerate(polynomial):
+            sum_u[power] += float(coefficient) * weight
+        if k > 0:
+            for power, coefficient in enumerate(_debye_w_polynomial(polynomials[k - 1])):
+                sum_w[power] += float(coefficient) * weight
+    return sum_u, sum_w
+
+
 @functools.lru_cache(maxsize=256)
 def _scalar_order_polynomials(
     v: float, shift: int, terms: int, device: torch.device
@@ -231,15 +246,7 @@ def _scalar_order_polynomials(
     """
     u = v + shift
     length = max(3 * (terms - 1), shift)
-    sum_u, sum_w = [0.0] * (length + 1), [0.0] * (length + 1)
-    polynomials = _debye_polynomials(terms)
-    for k, polynomial in enumerate(polynomials):
-        weight = u**-k
-        for power, coefficient in enumerate(polynomial):
-            sum_u[power] += float(coefficient) * weight
-        if k > 0:
-            for power, coefficient in enumerate(_debye_w_polynomial(polynomials[k - 1])):
-                sum_w[power] += float(coefficient) * weight
+    sum_u, sum_w = _debye_sums(u, terms, length)
     # P = I M_{v+1} ... M_{v+shift}: right-multiplying [[a, b], [c, d]] by M_n gives
     # [[2 n y a + b, a], [2 n y c + d, c]]
     entries = [[1.0], [0.0], [0.0], [1.0]]
@@ -377,16 +384,8 @@ def _scalar_order_extended(
       coefficients rather than left to the evaluation.
     """
     u = v + shift
-    polynomials = _debye_polynomials(terms)
     length_p = 3 * (terms - 1)
-    sum_u, sum_w = [0.0] * (length_p + 1), [0.0] * (length_p + 1)
-    for k, polynomial in enumerate(polynomials):
-        weight = u**-k
-        for power, coefficient in enumerate(polynomial):
-            sum_u[power] += float(coefficient) * weight
-        if k > 0:
-            for power, coefficient in enumerate(_debye_w_polynomial(polynomials[k - 1])):
-                sum_w[power] += float(coefficient) * weight
+    sum_u, sum_w = _debye_sums(u, terms, length_p)
     in_p = [sum_u, sum_w, _derivative_polynomial(sum_u), _derivative_polynomial(sum_w)]
 
     a, b, c, d = _exact_recurrence_polynomials(v, shift)

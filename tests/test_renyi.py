@@ -12,7 +12,7 @@ import scipy.special
 import torch
 
 from pyro_dgm.infer import RenyiELBO
-from tests.exact_models import LinearGaussian, vmf_problem
+from exact_models import LinearGaussian, vmf_problem
 
 F64 = torch.float64
 
