@@ -136,6 +136,8 @@ class ScoredIndependent(Independent):
         return ScoreParts(log_prob, self.score_function(value), log_prob)
 
     def to_event(self, reinterpreted_batch_ndims: int | None = None) -> Distribution:
+        """As Pyro's ``to_event`` (all batch dimensions when ``None``), returning a
+        :class:`ScoredIndependent`, which keeps the score function."""
         if reinterpreted_batch_ndims is None:
             reinterpreted_batch_ndims = len(self.batch_shape)
         if reinterpreted_batch_ndims == 0:
@@ -145,6 +147,8 @@ class ScoredIndependent(Independent):
         )
 
     def mask(self, mask: Tensor | bool) -> Distribution:
+        """As Pyro's ``mask``, returning a :class:`ScoredMasked`, which keeps the score
+        function."""
         return ScoredMasked(self, mask)
 
 
@@ -162,6 +166,8 @@ class ScoredMasked(MaskedDistribution):
         return score_parts_of(self.base_dist, value).scale_and_mask(mask=self._mask)
 
     def to_event(self, reinterpreted_batch_ndims: int | None = None) -> Distribution:
+        """As Pyro's ``to_event`` (all batch dimensions when ``None``), returning a
+        :class:`ScoredIndependent`, which keeps the score function."""
         if reinterpreted_batch_ndims is None:
             reinterpreted_batch_ndims = len(self.batch_shape)
         if reinterpreted_batch_ndims == 0:
