@@ -138,13 +138,7 @@ class ScoredIndependent(Independent):
     def to_event(self, reinterpreted_batch_ndims: int | None = None) -> Distribution:
         """As Pyro's ``to_event`` (all batch dimensions when ``None``), returning a
         :class:`ScoredIndependent`, which keeps the score function."""
-        if reinterpreted_batch_ndims is None:
-            reinterpreted_batch_ndims = len(self.batch_shape)
-        if reinterpreted_batch_ndims == 0:
-            return self
-        return ScoredIndependent(
-            self.base_dist, reinterpreted_batch_ndims + self.reinterpreted_batch_ndims
-        )
+        return _scored_to_event(self, reinterpreted_batch_ndims)
 
     def mask(self, mask: Tensor | bool) -> Distribution:
         """As Pyro's ``mask``, returning a :class:`ScoredMasked`, which keeps the score
@@ -168,8 +162,20 @@ class ScoredMasked(MaskedDistribution):
     def to_event(self, reinterpreted_batch_ndims: int | None = None) -> Distribution:
         """As Pyro's ``to_event`` (all batch dimensions when ``None``), returning a
         :class:`ScoredIndependent`, which keeps the score function."""
-        if reinterpreted_batch_ndims is None:
-            reinterpreted_batch_ndims = len(self.batch_shape)
-        if reinterpreted_batch_ndims == 0:
-            return self
-        return ScoredIndependent(self, reinterpreted_batch_ndims)
+        return _scored_to_event(self, reinterpreted_batch_ndims)
+
+
+def _scored_to_event(
+    distribution: ScoredIndependent | ScoredMasked, reinterpreted_batch_ndims: int | None
+) -> Distribution:
+    """``to_event`` of the two classes above: a :class:`ScoredIndependent`, one level deep."""
+    if reinterpreted_batch_ndims is None:
+        reinterpreted_batch_ndims = len(distribution.batch_shape)
+    if reinterpreted_batch_ndims == 0:
+        return distribution
+    if isinstance(distribution, ScoredIndependent):
+        return ScoredIndependent(
+            distribution.base_dist,
+            reinterpreted_batch_ndims + distribution.reinterpreted_batch_ndims,
+        )
+    return ScoredIndependent(distribution, reinterpreted_batch_ndims)
