@@ -93,9 +93,22 @@ def test_householder_flow_is_one_chain_of_reflections():
     assert len(vae.flows) == 1 and vae.flows[0].count_transforms == 5
 
 
+@pytest.mark.parametrize("flow", ["orthogonal-sylvester", "householder-sylvester",
+                                  "triangular-sylvester"])
+def test_sylvester_flows_are_one_stack(flow):
+    """K Sylvester flows are one module of num_flows=K (its factors from one linear map of
+    h(x)), not K modules."""
+    vae = small_vae(flow, num_flows=4)
+    assert len(vae.flows) == 1 and vae.flows[0].num_flows == 4
+
+
 def test_triangular_sylvester_alternates_permutations():
+    """Q of the stack's flows: the identity, then the reversal, alternately."""
     vae = small_vae("triangular-sylvester", num_flows=4)
-    assert [flow.permute for flow in vae.flows] == [False, True, False, True]
+    with torch.no_grad():
+        (transform,) = vae.posterior(binary_batch()).transforms
+    eye = torch.eye(LATENT_DIM)
+    assert torch.equal(transform.q(), torch.stack([eye, eye.flip(0), eye, eye.flip(0)]))
 
 
 def test_bad_flow_arguments():

@@ -6,24 +6,45 @@ parameters ("plain") and with parameters computed from a context ("conditional")
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 import warnings
 
 import pyro.distributions as dist
+import pyro.distributions.transforms as pyro_transforms
 import pytest
 import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms import Sylvester as PyroSylvester
+from pyro.nn import DenseNN
 from torch.autograd.functional import jacobian
 from torch.func import functional_call
 
+import pyro_dgm.transforms
 from pyro_dgm.transforms import (
     ConditionalHouseholder,
-    ConditionalSylvester,
+    ConditionalHouseholderSylvester,
+    ConditionalOrthogonalSylvester,
+    ConditionalTriangularSylvester,
+    ConditionedHouseholder,
+    ConditionedHouseholderSylvester,
+    ConditionedOrthogonalSylvester,
+    ConditionedTriangularSylvester,
     Householder,
-    Sylvester,
+    HouseholderChainNN,
+    HouseholderSylvester,
+    OrthogonalSylvester,
+    TriangularSylvester,
     conditional_householder,
-    conditional_sylvester,
+    conditional_householder_sylvester,
+    conditional_orthogonal_sylvester,
+    conditional_triangular_sylvester,
     householder,
-    sylvester,
+    householder_sylvester,
+    orthogonal_sylvester,
+    triangular_sylvester,
 )
 from pyro_dgm.transforms.householder import _householder_matrix, _householder_matrix_reference
 from pyro_dgm.transforms.sylvester import (
@@ -32,6 +53,7 @@ from pyro_dgm.transforms.sylvester import (
     _sum_log,
     _sylvester_rows,
     _sylvester_rows_reference,
+    _triangular_factors,
 )
 
 D, C, B, S = 5, 3, 4, 2  # event, context, batch and particle sizes
@@ -39,36 +61,46 @@ D, C, B, S = 5, 3, 4, 2  # event, context, batch and particle sizes
 # name -> (plain module, conditional module), built on demand
 CASES = {
     "orthogonal-bottleneck": (
-        lambda: Sylvester(D, "orthogonal", bottleneck=3),
-        lambda: ConditionalSylvester(D, C, "orthogonal", bottleneck=3),
+        lambda: OrthogonalSylvester(D, bottleneck=3),
+        lambda: conditional_orthogonal_sylvester(D, C, bottleneck=3),
     ),
     "orthogonal-square": (
-        lambda: Sylvester(D, "orthogonal"),
-        lambda: ConditionalSylvester(D, C, "orthogonal"),
+        lambda: OrthogonalSylvester(D),
+        lambda: conditional_orthogonal_sylvester(D, C),
     ),
     "householder": (
-        lambda: Sylvester(D, "householder", count_householder=3),
-        lambda: ConditionalSylvester(D, C, "householder", count_householder=3),
+        lambda: HouseholderSylvester(D, num_reflections=3),
+        lambda: conditional_householder_sylvester(D, C, num_reflections=3),
     ),
     "triangular": (
-        lambda: Sylvester(D, "triangular"),
-        lambda: ConditionalSylvester(D, C, "triangular"),
+        lambda: TriangularSylvester(D),
+        lambda: conditional_triangular_sylvester(D, C),
     ),
     "triangular-permuted": (
-        lambda: Sylvester(D, "triangular", permute=True),
-        lambda: ConditionalSylvester(D, C, "triangular", permute=True),
+        lambda: TriangularSylvester(D, permute=True),
+        lambda: conditional_triangular_sylvester(D, C, permute=True),
     ),
     "householder-flow": (
         lambda: Householder(D, 3),
-        lambda: ConditionalHouseholder(D, C, 3),
+        lambda: ConditionalHouseholder(D, HouseholderChainNN(C, D, 3), 3),
     ),
-    # stacks of three flows in one module (global parameters only)
-    "orthogonal-stack": (lambda: Sylvester(D, "orthogonal", bottleneck=3, num_flows=3), None),
+    # Pyro's helper: the vectors from a DenseNN
+    "householder-flow-dense": (None, lambda: conditional_householder(D, C, [6], 3)),
+    # stacks of three flows in one module
+    "orthogonal-stack": (
+        lambda: OrthogonalSylvester(D, num_flows=3, bottleneck=3),
+        lambda: conditional_orthogonal_sylvester(D, C, num_flows=3, bottleneck=3),
+    ),
     "householder-stack": (
-        lambda: Sylvester(D, "householder", count_householder=3, num_flows=3), None
+        lambda: HouseholderSylvester(D, num_flows=3, num_reflections=3),
+        lambda: conditional_householder_sylvester(D, C, [6], num_flows=3, num_reflections=3),
     ),
-    "triangular-stack": (lambda: Sylvester(D, "triangular", permute=True, num_flows=3), None),
+    "triangular-stack": (
+        lambda: TriangularSylvester(D, num_flows=3, permute=True),
+        lambda: conditional_triangular_sylvester(D, C, num_flows=3, permute=True),
+    ),
 }
+HOUSEHOLDER_FLOWS = {"householder-flow", "householder-flow-dense"}  # volume preserving
 ORTHONORMAL_Q = ["orthogonal-bottleneck", "orthogonal-square", "householder", "orthogonal-stack",
                  "householder-stack"]
 
@@ -126,7 +158,7 @@ def test_log_abs_det_jacobian_matches_autograd(name: str, conditional: bool) -> 
     x = _inputs(B, D)
 
     y, log_det = transform.call_and_ladj(x)
-    if name != "householder-flow":
+    if name not in HOUSEHOLDER_FLOWS:
         assert transform.log_abs_det_jacobian(x, y) is log_det  # cached, not recomputed
     jacobians = _per_point_jacobians(lambda z: _transform(module, context)(z), x)
     sign, expected = torch.linalg.slogdet(jacobians)
@@ -136,7 +168,7 @@ def test_log_abs_det_jacobian_matches_autograd(name: str, conditional: bool) -> 
     assert (sign == transform.sign).all()
     # Not the trivial case: the flow moves points and (Sylvester) changes volume.
     assert (y - x).abs().max() > 0.1
-    if name != "householder-flow":
+    if name not in HOUSEHOLDER_FLOWS:
         assert expected.abs().max() > 0.05
     # Recomputed (no cache) and cached log-determinants agree.
     fresh = _transform(module, context)
@@ -181,11 +213,8 @@ def test_householder_q_is_the_product_of_reflections(conditional: bool) -> None:
     """The compact (global) and the sequential (per-data-point) forms give H_1 H_2 ... H_K."""
     module = _build("householder", conditional)
     context = _inputs(B, C, seed=2)
-    if conditional:
-        params = module.hypernet(context).split(module.param_dims, dim=-1)[-1]
-        vectors = params.unflatten(-1, module.q_shape)
-    else:
-        vectors = module.householder_vectors
+    # (..., K, L, D): (B, 1, 3, D) from the context, or the parameter (1, 3, D)
+    vectors = module.params(context)[-1] if conditional else module.householder_vectors
     expected = torch.eye(D, dtype=torch.float64)
     for u in vectors.unbind(-2):
         reflection = torch.eye(D, dtype=torch.float64) - 2 * (
@@ -244,18 +273,26 @@ def test_inverse_gradient_is_the_inverse_jacobian(name: str, conditional: bool) 
     )
 
 
+PLAIN_SYLVESTER = {  # kind -> (class, options of a small flow)
+    "orthogonal": (OrthogonalSylvester, {"bottleneck": 3}),
+    "householder": (HouseholderSylvester, {"num_reflections": 3}),
+    "triangular": (TriangularSylvester, {}),
+}
+
+
 @pytest.mark.parametrize(
     "kind, permute",
     [("orthogonal", False), ("householder", False), ("triangular", False), ("triangular", True)],
 )
 def test_a_stack_is_its_flows_one_after_another(kind: str, permute: bool) -> None:
-    """Sylvester(..., num_flows=3) is the composition of three single flows with its parameters'
+    """X(D, num_flows=3) is the composition of three single flows with its parameters'
     slices (the triangular kind alternating Q from the reversal if permute): same outputs and
     log-determinants, forward and inverse."""
-    options = {"orthogonal": {"bottleneck": 3}, "householder": {"count_householder": 3},
-               "triangular": {"permute": permute}}[kind]
+    cls, options = PLAIN_SYLVESTER[kind]
+    if kind == "triangular":
+        options = {"permute": permute}
     torch.manual_seed(0)
-    stack = Sylvester(D, kind, num_flows=3, **options).double()
+    stack = cls(D, 3, **options).double()  # num_flows, positionally
     with torch.no_grad():
         for parameter in stack.parameters():
             parameter.normal_(0, 0.7)
@@ -264,7 +301,7 @@ def test_a_stack_is_its_flows_one_after_another(kind: str, permute: bool) -> Non
         single = options
         if kind == "triangular":  # Q alternates along the stack
             single = dict(options, permute=permute != (k % 2 == 1))
-        flow = Sylvester(D, kind, **single).double()
+        flow = cls(D, **single).double()
         with torch.no_grad():
             for parameter, stacked in zip(flow.parameters(), stack.parameters(), strict=True):
                 parameter.copy_(stacked[k : k + 1])
@@ -278,9 +315,45 @@ def test_a_stack_is_its_flows_one_after_another(kind: str, permute: bool) -> Non
     torch.testing.assert_close(y, z, rtol=0, atol=1e-12)
     torch.testing.assert_close(stacked_log_det, log_det, rtol=0, atol=1e-12)
     assert (y - x).abs().max() > 0.1 and log_det.abs().max() > 0.05
-    inverse = Sylvester(D, kind, num_flows=3, **options).double()
+    inverse = cls(D, 3, **options).double()
     inverse.load_state_dict(stack.state_dict())
     torch.testing.assert_close(inverse.inv(y.clone()), x, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["orthogonal-stack", "householder-stack", "triangular-stack"])
+def test_a_conditional_stack_is_its_flows_one_after_another(name: str) -> None:
+    """ConditionalX(..., num_flows=3).condition(c) is the composition of three conditioned
+    single flows with the slices of its factors, first flow first (the triangular stack's Q
+    alternating from the reversal, as permute=True asks): same outputs and log-determinants,
+    forward and inverse."""
+    module = _build(name, conditional=True)
+    context = _inputs(B, C, seed=2)
+    stack = module.condition(context)
+    square, diag_tilde, bias, *q_params = module.params(context)
+    r, r_tilde = _triangular_factors(square, diag_tilde)
+    assert r.shape[-3] == 3 and bias.shape == (B, 3, module.bottleneck)
+
+    def single(k: int):
+        factors = r[:, k : k + 1], r_tilde[:, k : k + 1], bias[:, k : k + 1]
+        if name == "orthogonal-stack":
+            return ConditionedOrthogonalSylvester(*factors, stack.q()[:, k : k + 1])
+        if name == "householder-stack":
+            return ConditionedHouseholderSylvester(*factors, q_params[0][:, k : k + 1])
+        return ConditionedTriangularSylvester(*factors, permute=k % 2 == 0)
+
+    x = _inputs(S, B, D)
+    z, log_det = x, 0
+    for k in range(3):
+        z, term = single(k).call_and_ladj(z)
+        log_det = log_det + term
+    y, stacked_log_det = stack.call_and_ladj(x)
+    torch.testing.assert_close(y, z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stacked_log_det, log_det, rtol=0, atol=1e-12)
+    assert (y - x).abs().max() > 0.1 and log_det.abs().max() > 0.05
+    torch.testing.assert_close(module.condition(context).inv(y.clone()), x, rtol=0, atol=1e-8)
+    if name == "triangular-stack":
+        eye = torch.eye(D, dtype=torch.float64)
+        torch.testing.assert_close(stack.q(), torch.stack([eye.flip(0), eye, eye.flip(0)]))
 
 
 @pytest.mark.parametrize("diagonal", [3.0, 20.0], ids=["0.995", "1.0"])
@@ -288,7 +361,7 @@ def test_inverse_converges_when_the_flow_is_nearly_singular(diagonal: float) -> 
     """R_ii R~_ii near (or rounding to) -1 and large off-diagonal entries: the fixed-point
     iteration crawls and Newton with backtracking on |g|^2 stalls, while the back substitution
     still solves every point to the rounding level (and without a warning)."""
-    flow = Sylvester(D, "triangular").double()
+    flow = TriangularSylvester(D).double()
     with torch.no_grad():
         flow.triangular.normal_(0, 5)[0].diagonal().fill_(diagonal)  # tanh(20) = 1.0 (float64)
         flow.diag_tilde.fill_(-diagonal)
@@ -394,7 +467,7 @@ def test_pyro_sylvester_log_det_is_wrong_at_random_parameters() -> None:
     paper's x + Q R h(R~ Q^T x + b)."""
     torch.manual_seed(0)
     pyro_flow = PyroSylvester(D, count_transforms=3).double()
-    ours = Sylvester(D, "householder", count_householder=3).double()
+    ours = HouseholderSylvester(D, num_reflections=3).double()
     with torch.no_grad():
         for parameter in [*pyro_flow.parameters(), *ours.parameters()]:
             parameter.normal_()
@@ -423,7 +496,7 @@ def test_no_tensor_is_created_on_the_default_device() -> None:
             transform = _transform(module, context)
             y, log_det = transform.call_and_ladj(x)
             assert y.device == device and log_det.device == device
-            if name != "householder-flow":
+            if name not in HOUSEHOLDER_FLOWS:
                 assert transform.q().device == device
     with pytest.raises(RuntimeError, match="device"):
         PyroSylvester(D, count_transforms=2).to(device)(x)
@@ -450,9 +523,9 @@ def test_transformed_distribution_scores_any_point() -> None:
     torch.manual_seed(0)
     base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
     flows = [
-        sylvester(D, "orthogonal", bottleneck=3).double(),
-        sylvester(D, "householder", count_householder=2).double(),
-        sylvester(D, "triangular", permute=True).double(),
+        orthogonal_sylvester(D, bottleneck=3).double(),
+        householder_sylvester(D, num_flows=2, num_reflections=2).double(),
+        triangular_sylvester(D, permute=True).double(),
         householder(D, 2).double(),
     ]
     for flow in flows:
@@ -467,32 +540,183 @@ def test_transformed_distribution_scores_any_point() -> None:
 
 
 def test_helpers_build_what_they_say() -> None:
-    assert sylvester(D).kind == "orthogonal" and sylvester(D).bottleneck == D
-    assert sylvester(40).bottleneck == 32
-    assert sylvester(D, "householder").householder_vectors.shape == (1, 8, D)
-    assert sylvester(D, "householder", num_flows=3).householder_vectors.shape == (3, 8, D)
+    assert orthogonal_sylvester(D).bottleneck == D and orthogonal_sylvester(40).bottleneck == 32
+    assert orthogonal_sylvester(D, 3, 2).q_free.shape == (3, D, 2)
+    assert householder_sylvester(D).householder_vectors.shape == (1, 8, D)
+    assert householder_sylvester(D, 3, 4).householder_vectors.shape == (3, 4, D)
+    assert triangular_sylvester(D, 2, True).permutations.shape == (2, D, D)
     assert householder(D).count_transforms == D // 2 + 1
-    with_hidden = conditional_sylvester(D, C, "triangular", hidden_dims=[7])
-    assert isinstance(with_hidden.hypernet, torch.nn.Module)
-    assert with_hidden.condition(torch.randn(B, C)).q().shape == (D, D)
-    assert len(conditional_householder(D, C, 3, hidden_dims=[7]).chain) == 2
+    linear = conditional_triangular_sylvester(D, C, num_flows=2)
+    with_hidden = conditional_triangular_sylvester(D, C, [7], 2)
+    assert isinstance(with_hidden.nn, DenseNN) and not isinstance(linear.nn, DenseNN)
+    for module in (linear, with_hidden):
+        assert module.param_dims == [2 * D * D, 2 * D, 2 * D]
+        assert module.condition(torch.randn(B, C)).q().shape == (2, D, D)
+    orthogonal = conditional_orthogonal_sylvester(D, C, [7], 2, 3)
+    assert isinstance(orthogonal, ConditionalOrthogonalSylvester)
+    assert orthogonal.param_dims == [18, 6, 6, 2 * D * 3]
+    with_reflections = conditional_householder_sylvester(D, C, None, 2, 4)
+    assert isinstance(with_reflections, ConditionalHouseholderSylvester)
+    assert with_reflections.param_dims[-1] == 2 * 4 * D
+    assert conditional_householder(D, C, [7], 3).nn.param_dims == [D] * 3
+    chain = HouseholderChainNN(C, D, 3)
+    assert len(chain(torch.randn(B, C))) == 3 and chain.chain[0].in_features == D
+
+
+def test_conditional_sylvester_takes_one_tensor_or_a_tuple_from_its_network() -> None:
+    """nn may return the parameter groups as a tuple (as DenseNN does) or as one tensor of
+    their total size; another number of groups is an error naming nn."""
+    tuple_module = conditional_triangular_sylvester(D, C, num_flows=2).double()
+    tensor_module = ConditionalTriangularSylvester(D, tuple_module.nn.linear, num_flows=2)
+    context, x = _inputs(B, C, seed=2), _inputs(B, D)
+    y, log_det = tuple_module.condition(context).call_and_ladj(x)
+    y_tensor, log_det_tensor = tensor_module.condition(context).call_and_ladj(x)
+    torch.testing.assert_close(y_tensor, y, rtol=0, atol=0)
+    torch.testing.assert_close(log_det_tensor, log_det, rtol=0, atol=0)
+    wrong = ConditionalTriangularSylvester(D, DenseNN(C, [4], [D * D, D]))
+    with pytest.raises(ValueError, match="nn must return 3 tensors"):
+        wrong.condition(torch.randn(B, C))
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    "build, argument",
     [
-        {"kind": "spherical"},
-        {"kind": "householder", "bottleneck": 2},
-        {"kind": "triangular", "count_householder": 2},
-        {"kind": "orthogonal", "bottleneck": D + 1},
-        {"kind": "orthogonal", "inverse_max_iter": 0},
-        {"kind": "householder", "permute": True},
-        {"kind": "householder", "num_flows": 0},
+        (lambda: OrthogonalSylvester(D, bottleneck=D + 1), "bottleneck"),
+        (lambda: OrthogonalSylvester(D, bottleneck=0), "bottleneck"),
+        (lambda: OrthogonalSylvester(D, orthogonalization_steps=0), "orthogonalization_steps"),
+        (lambda: OrthogonalSylvester(D, inverse_max_iter=0), "inverse_max_iter"),
+        (lambda: HouseholderSylvester(D, num_flows=0), "num_flows"),
+        (lambda: HouseholderSylvester(D, num_reflections=0), "num_reflections"),
+        (lambda: TriangularSylvester(D, num_flows=0), "num_flows"),
+        (lambda: conditional_orthogonal_sylvester(D, C, bottleneck=D + 1), "bottleneck"),
+        (lambda: conditional_householder_sylvester(D, C, num_reflections=0), "num_reflections"),
+        (lambda: conditional_triangular_sylvester(D, C, num_flows=0), "num_flows"),
+        (
+            lambda: ConditionalTriangularSylvester(D, torch.nn.Linear(C, 1), inverse_max_iter=0),
+            "inverse_max_iter",
+        ),
+        (lambda: Householder(D, 0), "count_transforms"),
+        (lambda: ConditionalHouseholder(D, torch.nn.Linear(C, D), 0), "count_transforms"),
+        (lambda: HouseholderChainNN(C, D, 0), "count_transforms"),
+        (  # no flow dimension
+            lambda: ConditionedTriangularSylvester(
+                torch.zeros(1, D, D), torch.zeros(1, D, D), torch.zeros(D)
+            ),
+            "bias",
+        ),
+        (  # two flows, but Q for one
+            lambda: ConditionedOrthogonalSylvester(
+                torch.zeros(2, 3, 3), torch.zeros(2, 3, 3), torch.zeros(2, 3),
+                torch.zeros(1, D, 3),
+            ),
+            "number of flows",
+        ),
     ],
 )
-def test_invalid_arguments_are_rejected(arguments: dict) -> None:
-    with pytest.raises(ValueError):
-        Sylvester(D, **arguments)
+def test_invalid_arguments_are_rejected(build, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        build()
+
+
+# Pyro's Householder family: ours is a drop-in. The same call (Pyro's positional order and
+# defaults) builds, in both, a transform with the same parameters (names and shapes: a state
+# dict carries over) and, with those parameters, the same outputs, log-determinants and
+# inverses, in float64. No other name of ours is a Pyro transform's.
+
+DROP_INS = {
+    "ConditionalHouseholder",
+    "ConditionedHouseholder",
+    "Householder",
+    "conditional_householder",
+    "householder",
+}
+
+# case -> (name, the arguments of the call, in Pyro's positional order)
+DROP_IN_CALLS = {
+    "Householder-default": ("Householder", lambda: (D,)),
+    "Householder": ("Householder", lambda: (D, 3)),
+    "householder-default": ("householder", lambda: (D,)),
+    "householder": ("householder", lambda: (D, 3)),
+    "ConditionalHouseholder-default": (
+        "ConditionalHouseholder", lambda: (D, DenseNN(C, [7], param_dims=[D])),
+    ),
+    "ConditionalHouseholder": (
+        "ConditionalHouseholder", lambda: (D, DenseNN(C, [7], param_dims=[D] * 3), 3),
+    ),
+    "conditional_householder-default": ("conditional_householder", lambda: (D, C)),
+    "conditional_householder": ("conditional_householder", lambda: (D, C, [7], 3)),
+}
+
+
+def _pyro_transform_names() -> set[str]:
+    """Pyro's exported transform names and the public classes and functions of its transform
+    modules (such as ``ConditionedHouseholder``, which the package does not export)."""
+    names = set(pyro_transforms.__all__)
+    for info in pkgutil.iter_modules(pyro_transforms.__path__):
+        module = importlib.import_module(f"{pyro_transforms.__name__}.{info.name}")
+        names |= {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (inspect.isclass(value) or inspect.isfunction(value))
+            and value.__module__ == module.__name__
+        }
+    return names
+
+
+def test_no_name_is_a_pyro_transform_unless_it_is_a_verified_drop_in() -> None:
+    pyro_names = _pyro_transform_names()
+    assert {"Householder", "ConditionedHouseholder", "Sylvester", "sylvester"} <= pyro_names
+    assert set(pyro_dgm.transforms.__all__) & pyro_names == DROP_INS
+
+
+@pytest.mark.parametrize("name", sorted(DROP_INS))
+def test_drop_in_signatures_are_pyros(name: str) -> None:
+    """The same parameter names, kinds (positional order) and defaults."""
+    pyro_householder = importlib.import_module(f"{pyro_transforms.__name__}.householder")
+
+    def described(function) -> list[tuple]:
+        return [
+            (parameter.name, parameter.kind, parameter.default)
+            for parameter in inspect.signature(function).parameters.values()
+        ]
+
+    assert described(getattr(pyro_dgm.transforms, name)) == described(
+        getattr(pyro_householder, name)
+    )
+
+
+@pytest.mark.parametrize("case", list(DROP_IN_CALLS))
+def test_pyro_householder_call_builds_the_same_transform(case: str) -> None:
+    name, make_arguments = DROP_IN_CALLS[case]
+    arguments = make_arguments()  # one network, shared by both, where the call takes one
+    torch.manual_seed(0)
+    theirs = getattr(pyro_transforms, name)(*arguments).double()
+    ours = getattr(pyro_dgm.transforms, name)(*arguments).double()
+    assert {key: value.shape for key, value in ours.state_dict().items()} == {
+        key: value.shape for key, value in theirs.state_dict().items()
+    }
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.normal_(0, 1 if parameter.dim() == 1 else 2 / parameter.shape[-1] ** 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    for kind in (TransformModule, ConditionalTransformModule):
+        assert isinstance(ours, kind) == isinstance(theirs, kind)
+
+    context, x = _inputs(B, C, seed=2), _inputs(S, B, D)
+    transform_theirs, transform_ours = _transform(theirs, context), _transform(ours, context)
+    assert isinstance(transform_ours, ConditionedHouseholder)
+    y, y_ours = transform_theirs(x), transform_ours(x)
+    torch.testing.assert_close(y_ours, y, rtol=0, atol=1e-12)
+    assert (y - x).abs().max() > 0.1
+    torch.testing.assert_close(
+        transform_ours.log_abs_det_jacobian(x, y_ours),
+        transform_theirs.log_abs_det_jacobian(x, y), rtol=0, atol=0,
+    )
+    y_any = _inputs(S, B, D, seed=3)  # a point no forward pass produced
+    torch.testing.assert_close(
+        transform_ours.inv(y_any), transform_theirs.inv(y_any.clone()), rtol=0, atol=1e-12
+    )
 
 
 # Second derivatives and torch.func. The hand-fused Functions (_SylvesterRows,

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
 from pyro_dgm.infer import active_units, elbo_surgery
 from pyro_dgm.models.priors import FlowPrior, MixtureOfGaussiansPrior, VampPriorModule
-from pyro_dgm.transforms import ConditionalHouseholder, ConditionalSylvester
+from pyro_dgm.transforms import (
+    ConditionalHouseholder,
+    HouseholderChainNN,
+    conditional_householder_sylvester,
+    conditional_orthogonal_sylvester,
+    conditional_triangular_sylvester,
+)
 
 __all__ = ["VAE"]
 
@@ -90,10 +96,14 @@ class VAE(PyroModule):
       :math:`5d` (320 for :math:`d = 64`) and a random variable order of its own;
     * ``"householder"``: the Householder flow of Tomczak & Welling (2016),
       :class:`~pyro_dgm.transforms.ConditionalHouseholder` with ``num_flows`` reflections whose
-      vectors form the paper's chain started from :math:`h(x)`;
+      vectors form the paper's chain started from :math:`h(x)`
+      (:class:`~pyro_dgm.transforms.HouseholderChainNN`);
     * ``"orthogonal-sylvester"``, ``"householder-sylvester"``, ``"triangular-sylvester"``: the
-      Sylvester flows of van den Berg et al. (2018),
-      :class:`~pyro_dgm.transforms.ConditionalSylvester` with the class defaults
+      Sylvester flows of van den Berg et al. (2018), one stack of ``num_flows`` flows whose
+      parameters are a linear function of :math:`h(x)`
+      (:class:`~pyro_dgm.transforms.ConditionalOrthogonalSylvester`,
+      :class:`~pyro_dgm.transforms.ConditionalHouseholderSylvester`,
+      :class:`~pyro_dgm.transforms.ConditionalTriangularSylvester`) with the class defaults
       (orthogonal: bottleneck :math:`M = \\min(32, d)`; householder: 8 reflections per flow;
       triangular: :math:`Q` alternating between the identity and the reversal permutation
       along the stack).
@@ -139,7 +149,7 @@ class VAE(PyroModule):
     :param bool param_store: register the networks' parameters in Pyro's param store when
         ``model`` and ``guide`` run (``pyro.module``), as ``SVI`` with a ``pyro.optim`` optimizer
         needs. A torch optimizer over ``vae.parameters()`` (as in
-        :func:`~pyro_dgm.infer.train_epoch`) does not: ``param_store=False`` skips the
+        :func:`~pyro_dgm.experiments.train_epoch`) does not: ``param_store=False`` skips the
         registration, about a dozen ``pyro.param`` sites per step.
     :raises ValueError: for an unknown ``latent``, ``flow`` or ``prior`` (or one of the other
         family), a flow with ``latent="vmf"`` or with the VampPrior (whose mixture evaluates the
@@ -408,11 +418,11 @@ def _make_flows(kind: str, dim: int, context_dim: int, num_flows: int) -> list[n
             for _ in range(num_flows)
         ]
     if kind == "householder":
-        return [ConditionalHouseholder(dim, context_dim, count_transforms=num_flows)]
-    sylvester_kind = kind.removesuffix("-sylvester")
-    return [
-        ConditionalSylvester(
-            dim, context_dim, sylvester_kind, permute=sylvester_kind == "triangular" and k % 2 == 1
-        )
-        for k in range(num_flows)
-    ]
+        chain = HouseholderChainNN(context_dim, dim, num_flows)
+        return [ConditionalHouseholder(dim, chain, count_transforms=num_flows)]
+    sylvester = {
+        "orthogonal-sylvester": conditional_orthogonal_sylvester,
+        "householder-sylvester": conditional_householder_sylvester,
+        "triangular-sylvester": conditional_triangular_sylvester,
+    }[kind]
+    return [sylvester(dim, context_dim, num_flows=num_flows)]  # one module for the stack

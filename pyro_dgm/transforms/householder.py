@@ -37,13 +37,14 @@ __all__ = [
     "ConditionalHouseholder",
     "ConditionedHouseholder",
     "Householder",
+    "HouseholderChainNN",
     "conditional_householder",
     "householder",
 ]
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -216,25 +217,51 @@ def _householder_product(vectors: Tensor) -> _Reflections | _CompactReflections:
     return _CompactReflections(vectors) if vectors.dim() == 2 else _Reflections(vectors)
 
 
-class _HouseholderTransform(Transform):
-    """:math:`\\mathbf{y} = H_K \\cdots H_1 \\mathbf{x} = Q^T \\mathbf{x}`; subclasses supply the
-    reflection vectors through :meth:`_reflections`."""
+class ConditionedHouseholder(Transform):
+    r"""Householder flow with given (e.g. per-data-point) reflection vectors; a drop-in for
+    Pyro's :class:`~pyro.distributions.transforms.householder.ConditionedHouseholder`.
+
+    :math:`\mathbf{y} = H_K \cdots H_1 \mathbf{x}`, with
+    :math:`H_k = I - 2 \mathbf{u}_k \mathbf{u}_k^T / \lVert \mathbf{u}_k \rVert^2`; the inverse
+    applies the reflections in reverse order, and :math:`\log \lvert \det J \rvert = 0`. This is
+    what :meth:`ConditionalHouseholder.condition` returns; see :class:`Householder` for details.
+    Shared vectors (no batch dimensions) are applied in the compact form of the module
+    documentation, per-data-point ones one reflection after another.
+
+    :param u_unnormed: the reflection vectors :math:`\mathbf{u}_1, \ldots, \mathbf{u}_K` as
+        rows, unnormalised and nonzero, with any batch shape that broadcasts against the
+        inputs'; or a function of no arguments returning them (called at each use, as in Pyro).
+    :type u_unnormed: torch.Tensor of shape ``(..., K, D)``, or callable
+    """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
     volume_preserving = True
 
-    def __init__(self) -> None:
+    def __init__(self, u_unnormed: Tensor | Callable[[], Tensor] | None = None) -> None:
         super().__init__(cache_size=1)
+        self.u_unnormed = u_unnormed
+        self._product: _Reflections | _CompactReflections | None = None
+
+    def _vectors(self) -> Tensor:
+        return self.u_unnormed() if callable(self.u_unnormed) else self.u_unnormed
 
     def _reflections(self) -> _Reflections | _CompactReflections:
-        raise NotImplementedError
+        if callable(self.u_unnormed):
+            return _householder_product(self.u_unnormed())
+        if self._product is None:  # fixed vectors: normalised (or solved) once
+            self._product = _householder_product(self.u_unnormed)
+        return self._product
+
+    def u(self) -> Tensor:
+        """The unit reflection vectors, shape ``(..., K, D)`` (Pyro's method)."""
+        return F.normalize(self._vectors(), dim=-1)
 
     @property
     def sign(self) -> int:
         """:math:`\\det Q = (-1)^K`."""
-        return -1 if self._reflections().count % 2 else 1
+        return -1 if self._vectors().shape[-2] % 2 else 1
 
     def _call(self, x: Tensor) -> Tensor:
         return self._reflections().rmatvec(x)
@@ -253,28 +280,11 @@ class _HouseholderTransform(Transform):
         return y, self.log_abs_det_jacobian(x, y)
 
 
-class ConditionedHouseholder(_HouseholderTransform):
-    r"""Householder flow with given (e.g. per-data-point) reflection vectors.
-
-    :math:`\mathbf{y} = H_K \cdots H_1 \mathbf{x}`, with
-    :math:`H_k = I - 2 \mathbf{u}_k \mathbf{u}_k^T / \lVert \mathbf{u}_k \rVert^2`. This is what
-    :meth:`ConditionalHouseholder.condition` returns; see :class:`Householder` for details.
-
-    :param vectors: the reflection vectors :math:`\mathbf{u}_1, \ldots, \mathbf{u}_K` as rows,
-        unnormalised and nonzero, with any batch shape that broadcasts against the inputs'.
-    :type vectors: torch.Tensor of shape ``(..., K, D)``
-    """
-
-    def __init__(self, vectors: Tensor) -> None:
-        super().__init__()
-        self._product = _householder_product(vectors)
-
-    def _reflections(self) -> _Reflections | _CompactReflections:
-        return self._product
-
-
-class Householder(_HouseholderTransform, TransformModule):
-    r"""Householder flow: :math:`K` learnable reflections; volume preserving, exactly invertible.
+class Householder(ConditionedHouseholder, TransformModule):
+    r"""Householder flow: ``count_transforms`` learnable reflections; volume preserving,
+    exactly invertible. A drop-in for Pyro's
+    :class:`~pyro.distributions.transforms.Householder`: the same arguments, defaults,
+    parameter (``u_unnormed``, so state dicts carry over) and map.
 
     .. math::
 
@@ -286,7 +296,9 @@ class Householder(_HouseholderTransform, TransformModule):
     :math:`\mathbf{u}_k \in \mathbb{R}^D`. The inverse applies the reflections in reverse order.
     All :math:`K` reflections are applied at once in the compact form
     :math:`H_K \cdots H_1 = I - U T^{-T} U^T` of the module documentation, two
-    :math:`(\ldots, D) \times (D, K)` products per call.
+    :math:`(\ldots, D) \times (D, K)` products per call, where Pyro applies them one by one.
+    As in Pyro, ``count_transforms`` counts the reflections of this one transform (not a
+    number of flows). Unlike Pyro's, no warning is issued for :math:`K > D`.
 
     Inputs may have any batch shape ``(..., D)``.
 
@@ -300,6 +312,7 @@ class Householder(_HouseholderTransform, TransformModule):
     :type input_dim: int
     :param count_transforms: the number of reflections :math:`K`.
     :type count_transforms: int
+    :raises ValueError: if ``count_transforms`` is less than 1.
 
     References:
 
@@ -309,53 +322,53 @@ class Householder(_HouseholderTransform, TransformModule):
 
     def __init__(self, input_dim: int, count_transforms: int = 1) -> None:
         super().__init__()
-        if count_transforms < 1:
-            raise ValueError(f"count_transforms must be positive, got {count_transforms}")
+        _check_count(count_transforms)
         self.input_dim = input_dim
         self.count_transforms = count_transforms
-        self.vectors = nn.Parameter(torch.empty(count_transforms, input_dim))
+        self.u_unnormed = nn.Parameter(torch.empty(count_transforms, input_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.input_dim)
-        nn.init.uniform_(self.vectors, -bound, bound)
+        nn.init.uniform_(self.u_unnormed, -bound, bound)
 
     def _reflections(self) -> _Reflections | _CompactReflections:
-        return _householder_product(self.vectors)
+        return _householder_product(self.u_unnormed)  # the current values, at every call
 
 
 class ConditionalHouseholder(ConditionalTransformModule):
-    r"""Householder flow whose reflection vectors are computed from a context (amortized).
-
-    Following Tomczak & Welling [1], the vectors form a chain started from the context
-    :math:`\mathbf{c}` (in a VAE, the encoder's feature :math:`h(\mathbf{x})`):
+    r"""Householder flow whose reflection vectors are computed from a context by a network
+    ``nn`` (amortized); a drop-in for Pyro's
+    :class:`~pyro.distributions.transforms.ConditionalHouseholder`.
 
     .. math::
 
-        \mathbf{u}_1 = W_1 \mathbf{c} + \mathbf{a}_1, \qquad
-        \mathbf{u}_{k+1} = W_{k+1} \mathbf{u}_k + \mathbf{a}_{k+1}, \qquad
+        (\mathbf{u}_1, \ldots, \mathbf{u}_K) = \mathrm{nn}(\mathbf{c}), \qquad
         \mathbf{y} = H_K \cdots H_1 \mathbf{x},
 
     with :math:`H_k` the reflection along :math:`\mathbf{u}_k`. ``condition(context)`` returns a
     :class:`ConditionedHouseholder` with per-data-point vectors of batch shape ``B``, the
     context's; inputs of shape ``(..., *B, D)`` (e.g. ``(S, B, D)`` for :math:`S` particles)
-    broadcast against it.
+    broadcast against it. :func:`conditional_householder` builds ``nn`` as a
+    :class:`~pyro.nn.DenseNN`, as Pyro's helper does; :class:`HouseholderChainNN` is the linear
+    chain of Tomczak & Welling [1].
 
     Example::
 
-        flow = ConditionalHouseholder(input_dim=10, context_dim=64, count_transforms=4)
+        hypernet = DenseNN(64, [128], param_dims=[10] * 4)
+        flow = ConditionalHouseholder(10, hypernet, count_transforms=4)
         transform = flow.condition(features)  # features: (B, 64)
         y = transform(x)  # x: (S, B, 10) -> y: (S, B, 10)
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
-    :param context_dim: the context's dimension :math:`C`.
-    :type context_dim: int
+    :param nn: maps a context of shape ``(..., C)`` to the vectors: one tensor of shape
+        ``(..., D)`` if ``count_transforms`` is 1, else a sequence of ``count_transforms``
+        tensors of shape ``(..., D)`` (what ``DenseNN(C, hidden_dims, [D] * K)`` returns).
+    :type nn: callable
     :param count_transforms: the number of reflections :math:`K`.
     :type count_transforms: int
-    :param hypernet: maps a context of shape ``(..., C)`` to :math:`\mathbf{u}_1` of shape
-        ``(..., D)``; defaults to the linear map of [1].
-    :type hypernet: torch.nn.Module or None
+    :raises ValueError: if ``count_transforms`` is less than 1.
 
     References:
 
@@ -367,40 +380,82 @@ class ConditionalHouseholder(ConditionalTransformModule):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(
-        self,
-        input_dim: int,
-        context_dim: int,
-        count_transforms: int = 1,
-        hypernet: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, input_dim: int, nn: Callable, count_transforms: int = 1) -> None:
         super().__init__()
-        if count_transforms < 1:
-            raise ValueError(f"count_transforms must be positive, got {count_transforms}")
+        _check_count(count_transforms)
+        self.nn = nn
         self.input_dim = input_dim
-        self.context_dim = context_dim
         self.count_transforms = count_transforms
-        self.hypernet = nn.Linear(context_dim, input_dim) if hypernet is None else hypernet
-        self.chain = nn.ModuleList(
-            nn.Linear(input_dim, input_dim) for _ in range(count_transforms - 1)
-        )
 
     def vectors(self, context: Tensor) -> Tensor:
         """The reflection vectors :math:`\\mathbf{u}_1, \\ldots, \\mathbf{u}_K` as rows,
         shape ``(..., K, D)`` for a context of shape ``(..., C)``."""
-        vector = self.hypernet(context)
-        vectors = [vector]
-        for layer in self.chain:
-            vector = layer(vector)
-            vectors.append(vector)
-        return torch.stack(vectors, dim=-2)
+        output = self.nn(context)
+        if self.count_transforms == 1:
+            return output.unsqueeze(-2)
+        return torch.stack(tuple(output), dim=-2)
 
     def condition(self, context: Tensor) -> ConditionedHouseholder:
         return ConditionedHouseholder(self.vectors(context))
 
 
+class HouseholderChainNN(nn.Module):
+    r"""The hypernetwork of the Householder flow of Tomczak & Welling [1]: a chain of affine
+    maps started from the context,
+
+    .. math::
+
+        \mathbf{u}_1 = W_1 \mathbf{c} + \mathbf{a}_1, \qquad
+        \mathbf{u}_{k+1} = W_{k+1} \mathbf{u}_k + \mathbf{a}_{k+1},
+
+    as ``nn`` of :class:`ConditionalHouseholder`: a context ``(..., C)`` gives one tensor
+    ``(..., D)`` if ``count_transforms`` is 1, else a tuple of ``count_transforms`` of them.
+
+    Example::
+
+        flow = ConditionalHouseholder(10, HouseholderChainNN(64, 10, 4), count_transforms=4)
+
+    :param context_dim: the context's dimension :math:`C`.
+    :type context_dim: int
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param count_transforms: the number of vectors :math:`K`.
+    :type count_transforms: int
+    :raises ValueError: if ``count_transforms`` is less than 1.
+
+    References:
+
+    1. J. M. Tomczak, M. Welling, "Improving Variational Auto-Encoders using Householder Flow",
+       arXiv:1611.09630 (2016).
+    """
+
+    def __init__(self, context_dim: int, input_dim: int, count_transforms: int = 1) -> None:
+        super().__init__()
+        _check_count(count_transforms)
+        self.count_transforms = count_transforms
+        self.first = nn.Linear(context_dim, input_dim)
+        self.chain = nn.ModuleList(
+            nn.Linear(input_dim, input_dim) for _ in range(count_transforms - 1)
+        )
+
+    def forward(self, context: Tensor) -> Tensor | tuple[Tensor, ...]:
+        vector = self.first(context)
+        if self.count_transforms == 1:
+            return vector
+        vectors = [vector]
+        for layer in self.chain:
+            vector = layer(vector)
+            vectors.append(vector)
+        return tuple(vectors)
+
+
+def _check_count(count_transforms: int) -> None:
+    if count_transforms < 1:
+        raise ValueError(f"count_transforms must be at least 1, got {count_transforms}")
+
+
 def householder(input_dim: int, count_transforms: int | None = None) -> Householder:
-    """Build a :class:`Householder` flow, in the manner of Pyro's helpers.
+    """Build a :class:`Householder` flow; Pyro's helper of the same name and arguments.
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
@@ -410,28 +465,30 @@ def householder(input_dim: int, count_transforms: int | None = None) -> Househol
     """
     if count_transforms is None:
         count_transforms = input_dim // 2 + 1
-    return Householder(input_dim, count_transforms)
+    return Householder(input_dim, count_transforms=count_transforms)
 
 
 def conditional_householder(
     input_dim: int,
     context_dim: int,
-    count_transforms: int = 1,
     hidden_dims: Sequence[int] | None = None,
+    count_transforms: int = 1,
 ) -> ConditionalHouseholder:
-    """Build a :class:`ConditionalHouseholder` flow, in the manner of Pyro's helpers.
+    """Build a :class:`ConditionalHouseholder` flow whose vectors come from a
+    :class:`~pyro.nn.DenseNN`; Pyro's helper of the same name, arguments and defaults.
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
     :param context_dim: the context's dimension :math:`C`.
     :type context_dim: int
+    :param hidden_dims: the network's hidden widths; defaults to ``[10 * D, 10 * D]`` (as
+        Pyro's helper). For the linear chain of Tomczak & Welling, pass a
+        :class:`HouseholderChainNN` to :class:`ConditionalHouseholder` instead.
+    :type hidden_dims: Sequence[int] or None
     :param count_transforms: the number of reflections :math:`K`.
     :type count_transforms: int
-    :param hidden_dims: hidden widths of a :class:`~pyro.nn.DenseNN` computing the first
-        vector from the context; ``None`` (default) uses a linear map, as in the paper.
-    :type hidden_dims: Sequence[int] or None
     """
-    hypernet = None
-    if hidden_dims:
-        hypernet = DenseNN(context_dim, list(hidden_dims), param_dims=[input_dim])
-    return ConditionalHouseholder(input_dim, context_dim, count_transforms, hypernet)
+    if hidden_dims is None:
+        hidden_dims = [input_dim * 10, input_dim * 10]
+    hypernet = DenseNN(context_dim, list(hidden_dims), param_dims=[input_dim] * count_transforms)
+    return ConditionalHouseholder(input_dim, hypernet, count_transforms)

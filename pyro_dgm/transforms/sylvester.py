@@ -19,6 +19,16 @@ triangular determinant:
 The diagonals are :math:`\tanh` of free parameters, so :math:`\lvert R_{ii} \tilde R_{ii} \rvert
 < 1` and, as :math:`0 < h' \le 1`, every factor is positive: the flow is a diffeomorphism.
 
+The three flows of [1] differ in :math:`Q`: the orthogonal flow (O-SNF,
+``OrthogonalSylvester``) orthonormalises a free :math:`D \times M` matrix; the Householder
+flow (H-SNF, ``HouseholderSylvester``) takes :math:`M = D` and :math:`Q` a product of
+``num_reflections`` Householder reflections; the triangular flow (T-SNF,
+``TriangularSylvester``) takes :math:`M = D` and :math:`Q` the identity or the reversal
+permutation, alternating along a stack. Each module is a stack of ``num_flows`` flows (the
+word ``num_flows`` means that throughout the package); its ``Conditioned`` variant takes
+given (e.g. per-data-point) factors and its ``Conditional`` variant computes them from a
+context.
+
 Inverse. Writing :math:`\mathbf{v} = Q^T \mathbf{z}` and :math:`\mathbf{c} = Q^T \mathbf{z}'`, the
 component of :math:`\mathbf{z}` orthogonal to the columns of :math:`Q` is unchanged by the flow,
 and :math:`\mathbf{v}` solves the :math:`M`-dimensional equation
@@ -66,17 +76,27 @@ References:
 from __future__ import annotations
 
 __all__ = [
-    "ConditionalSylvester",
-    "ConditionedSylvester",
-    "Sylvester",
-    "conditional_sylvester",
-    "sylvester",
+    "ConditionalHouseholderSylvester",
+    "ConditionalOrthogonalSylvester",
+    "ConditionalTriangularSylvester",
+    "ConditionedHouseholderSylvester",
+    "ConditionedOrthogonalSylvester",
+    "ConditionedTriangularSylvester",
+    "HouseholderSylvester",
+    "OrthogonalSylvester",
+    "TriangularSylvester",
+    "conditional_householder_sylvester",
+    "conditional_orthogonal_sylvester",
+    "conditional_triangular_sylvester",
+    "householder_sylvester",
+    "orthogonal_sylvester",
+    "triangular_sylvester",
 ]
 
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -87,8 +107,6 @@ from torch.distributions import Transform, constraints
 
 from .._fused import cache_forward_signature, needs_reference, reference_vjp
 from .householder import _addmm, _householder_matrix, _householder_product, _is_stack_of_one
-
-Kind = Literal["orthogonal", "householder", "triangular"]
 
 
 def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
@@ -575,6 +593,37 @@ class _Factors:
         return torch.tanh(_matvec(r_tilde, v + (newton - newton.detach())) + bias)
 
 
+class _FlowSequence:
+    """Flows with given (e.g. per-data-point) factors, :class:`_Factors`, applied one after
+    another, first flow first; the inverse runs them in reverse order."""
+
+    def __init__(self, flows: Sequence[_Factors]) -> None:
+        self.flows = list(flows)
+
+    def q(self) -> Tensor:
+        """:math:`Q` of every flow as matrices, ``(..., K, D, M)``."""
+        return torch.stack([flow.q() for flow in self.flows], dim=-3)
+
+    def apply(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = None
+        for flow in self.flows:
+            z, term = flow.apply(z)
+            log_det = term if log_det is None else log_det + term
+        return z, log_det
+
+    def log_abs_det_at(self, z: Tensor) -> Tensor:
+        if len(self.flows) == 1:
+            return self.flows[0].log_abs_det_at(z)
+        return self.apply(z)[1]
+
+    def inverse(self, y: Tensor, tol: float | None, max_iter: int) -> tuple[Tensor, Tensor]:
+        log_det = None
+        for flow in reversed(self.flows):
+            y, term = flow.inverse(y, tol, max_iter)
+            log_det = term if log_det is None else log_det + term
+        return y, log_det
+
+
 class _StackedFactors:
     """The factors of a stack of K flows with global parameters: :math:`Q` (K, D, M) as a
     matrix, the free parameters of :func:`_triangular_factors` (K, M, M) and (K, M), and the
@@ -600,11 +649,9 @@ class _StackedFactors:
     def inverse(self, y: Tensor, tol: float | None, max_iter: int) -> tuple[Tensor, Tensor]:
         r, r_tilde = _triangular_factors(*self._free)
         flows = zip(self.q_matrix, r, r_tilde, self.bias, strict=True)
-        log_det = 0
-        for q, *triangles_and_bias in reversed(list(flows)):
-            y, term = _Factors(_DenseBasis(q), *triangles_and_bias).inverse(y, tol, max_iter)
-            log_det = log_det + term
-        return y, log_det
+        return _FlowSequence(
+            [_Factors(_DenseBasis(q), *triangles_and_bias) for q, *triangles_and_bias in flows]
+        ).inverse(y, tol, max_iter)
 
 
 class _SylvesterTransform(Transform):
@@ -618,18 +665,17 @@ class _SylvesterTransform(Transform):
 
     def __init__(self, inverse_tol: float | None, inverse_max_iter: int) -> None:
         super().__init__(cache_size=1)
-        if inverse_max_iter < 1:
-            raise ValueError(f"inverse_max_iter must be positive, got {inverse_max_iter}")
+        _check_positive(inverse_max_iter=inverse_max_iter)
         self.inverse_tol = inverse_tol
         self.inverse_max_iter = inverse_max_iter
         self._cached_ladj: tuple[Tensor | None, Tensor | None, Tensor | None] = (None,) * 3
 
-    def _factors(self) -> _Factors | _StackedFactors:
+    def _factors(self) -> _FlowSequence | _StackedFactors:
         raise NotImplementedError
 
     def q(self) -> Tensor:
-        """The matrix :math:`Q` with orthonormal columns, shape ``(..., D, M)`` (for a
-        :class:`Sylvester` stack, ``(num_flows, D, M)``)."""
+        """The matrices :math:`Q` (orthonormal columns) of the :math:`K` flows, shape
+        ``(..., K, D, M)``."""
         return self._factors().q()
 
     def _call(self, x: Tensor) -> Tensor:
@@ -643,9 +689,9 @@ class _SylvesterTransform(Transform):
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        """:math:`\\log \\lvert \\det \\partial \\mathbf{y} / \\partial \\mathbf{x} \\rvert`,
-        shape ``(...)``; taken from the last forward or inverse call when ``(x, y)`` is that
-        call's pair, else computed from ``x``."""
+        """:math:`\\log \\lvert \\det \\partial \\mathbf{y} / \\partial \\mathbf{x} \\rvert`
+        of the whole stack, shape ``(...)``; taken from the last forward or inverse call when
+        ``(x, y)`` is that call's pair, else computed from ``x``."""
         x_old, y_old, ladj = self._cached_ladj
         if x is x_old and y is y_old:
             return ladj
@@ -657,31 +703,97 @@ class _SylvesterTransform(Transform):
         return y, self.log_abs_det_jacobian(x, y)
 
 
-class ConditionedSylvester(_SylvesterTransform):
-    r"""A Sylvester flow with given (e.g. per-data-point) factors.
+def _check_positive(**values: int) -> None:
+    """ValueError naming the first of ``values`` (integers) that is not at least 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
-    :math:`\mathbf{y} = \mathbf{x} + Q R \tanh(\tilde R Q^T \mathbf{x} + \mathbf{b})`. This is what
-    :meth:`ConditionalSylvester.condition` returns; see :class:`Sylvester` for details. All
-    tensors may carry a batch shape that broadcasts against the inputs'.
 
-    :param r: :math:`R`; only the upper triangle is read, and its diagonal must lie in (-1, 1).
-    :type r: torch.Tensor of shape ``(..., M, M)``
-    :param r_tilde: :math:`\tilde R`; only the upper triangle is read, diagonal in (-1, 1).
-    :type r_tilde: torch.Tensor of shape ``(..., M, M)``
-    :param bias: :math:`\mathbf{b}`.
-    :type bias: torch.Tensor of shape ``(..., M)``
-    :param q: :math:`Q` with orthonormal columns (orthogonal kind).
-    :type q: torch.Tensor of shape ``(..., D, M)`` or None
-    :param householder_vectors: :math:`Q = H_1 \cdots H_K` from these reflection vectors
-        (householder kind, :math:`M = D`).
-    :type householder_vectors: torch.Tensor of shape ``(..., K, D)`` or None
-    :param permute: with neither ``q`` nor ``householder_vectors`` (triangular kind, :math:`M =
-        D`), :math:`Q` is the reversal permutation if true, else the identity.
-    :type permute: bool
-    :param inverse_tol: see :class:`Sylvester`.
+def _bottleneck(input_dim: int, bottleneck: int | None) -> int:
+    """:math:`M` of the orthogonal Sylvester flow: ``bottleneck``, by default ``min(32, D)``."""
+    bottleneck = min(32, input_dim) if bottleneck is None else bottleneck
+    if not 1 <= bottleneck <= input_dim:
+        raise ValueError(f"bottleneck must be in [1, {input_dim}], got {bottleneck}")
+    return bottleneck
+
+
+def _stack_size(r: Tensor, r_tilde: Tensor, bias: Tensor, **q_factors: Tensor) -> int:
+    """The number of flows :math:`K` of given factors: ``r`` and ``r_tilde`` (..., K, M, M),
+    ``bias`` (..., K, M) and the tensors of Q (..., K, *, *); ValueError otherwise."""
+    matrices = {"r": r, "r_tilde": r_tilde, **q_factors}
+    for name, tensor, min_dim, shape in [
+        *((name, tensor, 3, "(..., K, *, *)") for name, tensor in matrices.items()),
+        ("bias", bias, 2, "(..., K, M)"),
+    ]:
+        if tensor.dim() < min_dim:
+            raise ValueError(
+                f"{name} must have a flow dimension, shape {shape}; got {tuple(tensor.shape)}"
+            )
+    sizes = {name: tensor.shape[-3] for name, tensor in matrices.items()}
+    sizes["bias"] = bias.shape[-2]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"the factors must have one number of flows K, got {sizes}")
+    return r.shape[-3]
+
+
+class _ConditionedSylvester(_SylvesterTransform):
+    """A stack of flows with given factors (flow dimension -3 of the matrices, -2 of the
+    bias) and one :class:`_Basis` per flow."""
+
+    def __init__(
+        self,
+        r: Tensor,
+        r_tilde: Tensor,
+        bias: Tensor,
+        bases: Sequence[_Basis],
+        inverse_tol: float | None,
+        inverse_max_iter: int,
+    ) -> None:
+        super().__init__(inverse_tol, inverse_max_iter)
+        factors = zip(bases, r.triu().unbind(-3), r_tilde.triu().unbind(-3), bias.unbind(-2),
+                      strict=True)
+        self._sequence = _FlowSequence([_Factors(*flow) for flow in factors])
+
+    def _factors(self) -> _FlowSequence:
+        return self._sequence
+
+
+class ConditionedOrthogonalSylvester(_ConditionedSylvester):
+    r"""A stack of :math:`K` orthogonal Sylvester flows (O-SNF [1]) with given (e.g.
+    per-data-point) factors; flow :math:`k` maps
+
+    .. math::
+
+        \mathbf{z} \mapsto \mathbf{z} + Q_k R_k \tanh(\tilde R_k Q_k^T \mathbf{z} + \mathbf{b}_k),
+
+    the first flow first, and the log-determinant is the sum of the flows' (module notes).
+    This is what :meth:`ConditionalOrthogonalSylvester.condition` returns. Every tensor carries
+    the flow dimension :math:`K` (also for :math:`K = 1`) and may carry a batch shape that
+    broadcasts against the inputs'.
+
+    :param r: :math:`R_k`; only the upper triangle is read, its diagonal in (-1, 1).
+    :type r: torch.Tensor of shape ``(..., K, M, M)``
+    :param r_tilde: :math:`\tilde R_k`; only the upper triangle is read, its diagonal in
+        (-1, 1).
+    :type r_tilde: torch.Tensor of shape ``(..., K, M, M)``
+    :param bias: :math:`\mathbf{b}_k`.
+    :type bias: torch.Tensor of shape ``(..., K, M)``
+    :param q: :math:`Q_k`, with orthonormal columns.
+    :type q: torch.Tensor of shape ``(..., K, D, M)``
+    :param inverse_tol: the Newton tolerance of the inverse (module notes); ``None``: the
+        square root of the machine epsilon of the input's dtype.
     :type inverse_tol: float or None
-    :param inverse_max_iter: see :class:`Sylvester`.
+    :param inverse_max_iter: the most Newton steps per row of the inverse; a warning is issued
+        if exceeded.
     :type inverse_max_iter: int
+    :raises ValueError: if a tensor lacks the flow dimension, the tensors disagree on
+        :math:`K`, or ``inverse_max_iter`` is less than 1.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
     """
 
     def __init__(
@@ -689,57 +801,142 @@ class ConditionedSylvester(_SylvesterTransform):
         r: Tensor,
         r_tilde: Tensor,
         bias: Tensor,
-        q: Tensor | None = None,
-        householder_vectors: Tensor | None = None,
+        q: Tensor,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        _stack_size(r, r_tilde, bias, q=q)
+        bases = [_DenseBasis(q_k) for q_k in q.unbind(-3)]
+        super().__init__(r, r_tilde, bias, bases, inverse_tol, inverse_max_iter)
+
+
+class ConditionedHouseholderSylvester(_ConditionedSylvester):
+    r"""A stack of :math:`K` Householder Sylvester flows (H-SNF [1]) with given (e.g.
+    per-data-point) factors: the flows of :class:`ConditionedOrthogonalSylvester` with
+    :math:`M = D` and :math:`Q_k = H_{k,1} \cdots H_{k,L}`, a product of :math:`L` Householder
+    reflections. Per-data-point vectors are applied one reflection after another, shared ones
+    in the compact form of :mod:`pyro_dgm.transforms.householder`. This is what
+    :meth:`ConditionalHouseholderSylvester.condition` returns.
+
+    :param r: :math:`R_k`; only the upper triangle is read, its diagonal in (-1, 1).
+    :type r: torch.Tensor of shape ``(..., K, D, D)``
+    :param r_tilde: :math:`\tilde R_k`; only the upper triangle is read, its diagonal in
+        (-1, 1).
+    :type r_tilde: torch.Tensor of shape ``(..., K, D, D)``
+    :param bias: :math:`\mathbf{b}_k`.
+    :type bias: torch.Tensor of shape ``(..., K, D)``
+    :param householder_vectors: the reflection vectors of each :math:`Q_k` as rows,
+        unnormalised and nonzero (:math:`L` = ``num_reflections`` of them).
+    :type householder_vectors: torch.Tensor of shape ``(..., K, L, D)``
+    :param inverse_tol: as in :class:`ConditionedOrthogonalSylvester`.
+    :type inverse_tol: float or None
+    :param inverse_max_iter: as in :class:`ConditionedOrthogonalSylvester`.
+    :type inverse_max_iter: int
+    :raises ValueError: if a tensor lacks the flow dimension, the tensors disagree on
+        :math:`K`, or ``inverse_max_iter`` is less than 1.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        r: Tensor,
+        r_tilde: Tensor,
+        bias: Tensor,
+        householder_vectors: Tensor,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        _stack_size(r, r_tilde, bias, householder_vectors=householder_vectors)
+        bases = [_householder_product(vectors) for vectors in householder_vectors.unbind(-3)]
+        super().__init__(r, r_tilde, bias, bases, inverse_tol, inverse_max_iter)
+
+
+class ConditionedTriangularSylvester(_ConditionedSylvester):
+    r"""A stack of :math:`K` triangular Sylvester flows (T-SNF [1]) with given (e.g.
+    per-data-point) factors: the flows of :class:`ConditionedOrthogonalSylvester` with
+    :math:`M = D` and :math:`Q_k` the identity or the reversal permutation, alternating along
+    the stack (from the reversal if ``permute``). This is what
+    :meth:`ConditionalTriangularSylvester.condition` returns.
+
+    :param r: :math:`R_k`; only the upper triangle is read, its diagonal in (-1, 1).
+    :type r: torch.Tensor of shape ``(..., K, D, D)``
+    :param r_tilde: :math:`\tilde R_k`; only the upper triangle is read, its diagonal in
+        (-1, 1).
+    :type r_tilde: torch.Tensor of shape ``(..., K, D, D)``
+    :param bias: :math:`\mathbf{b}_k`.
+    :type bias: torch.Tensor of shape ``(..., K, D)``
+    :param permute: :math:`Q_1` is the reversal permutation instead of the identity.
+    :type permute: bool
+    :param inverse_tol: as in :class:`ConditionedOrthogonalSylvester`.
+    :type inverse_tol: float or None
+    :param inverse_max_iter: as in :class:`ConditionedOrthogonalSylvester`.
+    :type inverse_max_iter: int
+    :raises ValueError: if a tensor lacks the flow dimension, the tensors disagree on
+        :math:`K`, or ``inverse_max_iter`` is less than 1.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        r: Tensor,
+        r_tilde: Tensor,
+        bias: Tensor,
         permute: bool = False,
         inverse_tol: float | None = None,
         inverse_max_iter: int = 100,
     ) -> None:
+        num_flows = _stack_size(r, r_tilde, bias)
+        bases = [_PermutationBasis(bool((k + permute) % 2)) for k in range(num_flows)]
+        super().__init__(r, r_tilde, bias, bases, inverse_tol, inverse_max_iter)
+        self.permute = permute
+
+
+class _Sylvester(_SylvesterTransform, TransformModule):
+    """A stack of ``num_flows`` flows with global parameters: the free parameters of
+    :math:`R, \\tilde R` and the biases here, :math:`Q` (K, D, M) from the subclass's
+    :meth:`_q`, all flows as one :class:`_StackedFactors`."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_flows: int,
+        bottleneck: int,
+        inverse_tol: float | None,
+        inverse_max_iter: int,
+    ) -> None:
         super().__init__(inverse_tol, inverse_max_iter)
-        if q is not None and householder_vectors is not None:
-            raise ValueError("give at most one of q and householder_vectors")
-        if q is not None:
-            basis: _Basis = _DenseBasis(q)
-        elif householder_vectors is not None:
-            basis = _householder_product(householder_vectors)
-        else:
-            basis = _PermutationBasis(permute)
-        self._fixed_factors = _Factors(basis, r.triu(), r_tilde.triu(), bias)
+        _check_positive(num_flows=num_flows)
+        self.input_dim = input_dim
+        self.num_flows = num_flows
+        self.bottleneck = bottleneck
+        self.triangular = nn.Parameter(torch.empty(num_flows, bottleneck, bottleneck))
+        self.diag_tilde = nn.Parameter(torch.empty(num_flows, bottleneck))
+        self.bias = nn.Parameter(torch.empty(num_flows, bottleneck))
 
-    def _factors(self) -> _Factors:
-        return self._fixed_factors
+    def reset_parameters(self) -> None:
+        """Near the identity map: small triangular factors and bias (subclasses add
+        :math:`Q`'s parameters)."""
+        for parameter in (self.triangular, self.diag_tilde, self.bias):
+            nn.init.uniform_(parameter, -0.01, 0.01)
 
+    def _q(self) -> Tensor:
+        raise NotImplementedError
 
-def _check_kind(
-    input_dim: int, kind: str, bottleneck: int | None, count_householder: int | None, permute: bool
-) -> tuple[int, tuple[int, int] | None]:
-    """Validate the kind-specific arguments; return M and the shape of Q's free parameters."""
-    if permute and kind != "triangular":
-        raise ValueError("permute applies to kind='triangular' only")
-    if kind == "orthogonal":
-        if count_householder is not None:
-            raise ValueError("count_householder applies to kind='householder' only")
-        bottleneck = min(32, input_dim) if bottleneck is None else bottleneck
-        if not 1 <= bottleneck <= input_dim:
-            raise ValueError(f"bottleneck must be in [1, {input_dim}], got {bottleneck}")
-        return bottleneck, (input_dim, bottleneck)
-    if bottleneck is not None:
-        raise ValueError("bottleneck applies to kind='orthogonal' only (M = D otherwise)")
-    if kind == "householder":
-        count_householder = 8 if count_householder is None else count_householder
-        if count_householder < 1:
-            raise ValueError(f"count_householder must be positive, got {count_householder}")
-        return input_dim, (count_householder, input_dim)
-    if kind == "triangular":
-        if count_householder is not None:
-            raise ValueError("count_householder applies to kind='householder' only")
-        return input_dim, None
-    raise ValueError(f"kind must be 'orthogonal', 'householder' or 'triangular', got {kind!r}")
+    def _factors(self) -> _StackedFactors:
+        return _StackedFactors(self._q(), self.triangular, self.diag_tilde, self.bias)
 
 
-class Sylvester(_SylvesterTransform, TransformModule):
-    r"""Sylvester normalizing flow with learnable global parameters [1], or a stack of
-    ``num_flows`` of them.
+class OrthogonalSylvester(_Sylvester):
+    r"""Orthogonal Sylvester normalizing flow (O-SNF [1]) with learnable global parameters, or
+    a stack of ``num_flows`` of them.
 
     .. math::
 
@@ -747,58 +944,44 @@ class Sylvester(_SylvesterTransform, TransformModule):
         \log \lvert \det J \rvert = \sum_{i=1}^M \log\bigl(1 + \tanh'\bigl((\tilde R Q^T
         \mathbf{x} + \mathbf{b})_i\bigr) R_{ii} \tilde R_{ii}\bigr),
 
-    with :math:`Q \in \mathbb{R}^{D \times M}` having orthonormal columns,
+    with :math:`Q \in \mathbb{R}^{D \times M}` having orthonormal columns (a free matrix,
+    divided by :math:`\lVert Q^T Q \rVert_F^{1/2}` so that all singular values lie in (0, 1],
+    then ``orthogonalization_steps`` iterations of
+    :math:`Q \leftarrow Q (I + \tfrac12 (I - Q^T Q))` [2]),
     :math:`R, \tilde R \in \mathbb{R}^{M \times M}` upper triangular with diagonals in
     :math:`(-1, 1)` (``tanh`` of free parameters, so the flow is invertible) and
     :math:`\mathbf{b} \in \mathbb{R}^M`.
+
+    **Stacks.** With ``num_flows`` :math:`= K > 1` the module is the composition
+    :math:`f_K \circ \cdots \circ f_1` of :math:`K` such flows, each with parameters of its
+    own (every parameter has a leading dimension :math:`K`, also for :math:`K = 1`), and
+    :math:`\log \lvert \det J \rvert` is the sum of theirs: the same map as :math:`K` modules
+    of one flow, computed faster (the factors of all flows in one batched pass, the flows as
+    one autograd node). The same holds for :class:`HouseholderSylvester` and
+    :class:`TriangularSylvester`.
 
     The log-determinant is exact at any parameter values and is returned by the forward pass
     without recomputation (:meth:`call_and_ladj`, or :meth:`log_abs_det_jacobian` on the cached
     pair). The inverse accepts any point, not only cached forward outputs: it solves an
     :math:`M`-dimensional triangular system by back substitution, each row by Newton's method
-    from a start from which it provably converges (see :mod:`pyro_dgm.transforms.sylvester`);
-    it is differentiable, with implicit-function derivatives. A forward call costs
-    two :math:`(\ldots, D) \times (D, M)` products per flow whatever :math:`Q` is, as
-    :math:`Q` is folded into the triangular factors once per call. Inputs may have any batch
-    shape ``(..., D)``.
-
-    **Stacks.** With ``num_flows`` :math:`= K > 1` the module is the composition
-    :math:`f_K \circ \cdots \circ f_1` of :math:`K` such flows, each with parameters of its
-    own (every parameter has a leading dimension :math:`K`, also for :math:`K = 1`), and
-    :math:`\log \lvert \det J \rvert` is the sum of theirs. It is the same map as a list of
-    :math:`K` single flows, computed faster: the factors of all flows in one batched pass and
-    the flows as one autograd node, where separate modules pay for the small operations of
-    :math:`Q`, :math:`R` and :math:`\tilde R` once per flow (the triangular kind alternates
-    :math:`Q` between the identity and the reversal along the stack, starting from the
-    reversal if ``permute``).
+    from a start from which it provably converges (module notes); it is differentiable, with
+    implicit-function derivatives. Inputs may have any batch shape ``(..., D)``.
 
     Example::
 
         base = dist.Normal(torch.zeros(10), torch.ones(10)).to_event(1)
-        flows = Sylvester(10, kind="householder", num_flows=4)
-        flow = dist.TransformedDistribution(base, [flows])
+        flow = dist.TransformedDistribution(base, [OrthogonalSylvester(10, num_flows=4)])
         z = flow.rsample((128,))
         log_q = flow.log_prob(z)  # the cached inverse and log-determinants
         log_q_new = flow.log_prob(torch.randn(5, 10))  # any point: the solved inverse
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
-    :param kind: how :math:`Q` is built: ``"orthogonal"`` (O-SNF: a free :math:`D \times M`
-        matrix, divided by :math:`\lVert Q^T Q \rVert_F^{1/2}` so that all singular values lie
-        in (0, 1], then ``orthogonalization_steps`` iterations of
-        :math:`Q \leftarrow Q (I + \tfrac12 (I - Q^T Q))` [2]), ``"householder"`` (H-SNF:
-        :math:`Q = H_1 \cdots H_K`, :math:`M = D`) or ``"triangular"`` (T-SNF: :math:`Q` the
-        identity or the reversal permutation, :math:`M = D`).
-    :type kind: str
-    :param bottleneck: :math:`M` of the orthogonal kind; defaults to ``min(32, D)``.
+    :param num_flows: :math:`K`, the number of flows in the stack.
+    :type num_flows: int
+    :param bottleneck: :math:`M`; defaults to ``min(32, D)``.
     :type bottleneck: int or None
-    :param count_householder: :math:`K`, the number of reflections of the householder kind;
-        defaults to 8.
-    :type count_householder: int or None
-    :param permute: triangular kind: :math:`Q` of the first flow is the reversal permutation
-        instead of the identity (it alternates along a stack, as in [1]).
-    :type permute: bool
-    :param orthogonalization_steps: iterations of the orthogonal kind's orthogonalisation. The
+    :param orthogonalization_steps: iterations of the orthogonalisation of :math:`Q`. The
         log-determinant and the inverse are exact to the extent that :math:`Q^T Q = I`; each
         singular value moves as :math:`\sigma \mapsto \sigma (3 - \sigma^2) / 2`, and about
         :math:`\log_{1.5}(\sigma_{\max} / \sigma_{\min}) + 5` steps reach machine precision,
@@ -814,11 +997,8 @@ class Sylvester(_SylvesterTransform, TransformModule):
     :param inverse_max_iter: the most Newton steps per row (7 to 22 were taken in stress tests,
         with diagonal products rounding to :math:`\pm 1`); a warning is issued if exceeded.
     :type inverse_max_iter: int
-    :param num_flows: :math:`K`, the number of flows in the stack (default 1).
-    :type num_flows: int
-    :raises ValueError: for an unknown ``kind``, arguments of another kind, a ``bottleneck``
-        outside :math:`[1, D]`, or a non-positive ``count_householder``, ``inverse_max_iter``
-        or ``num_flows``.
+    :raises ValueError: for a ``bottleneck`` outside :math:`[1, D]`, or a ``num_flows``,
+        ``orthogonalization_steps`` or ``inverse_max_iter`` less than 1.
 
     References:
 
@@ -831,114 +1011,176 @@ class Sylvester(_SylvesterTransform, TransformModule):
     def __init__(
         self,
         input_dim: int,
-        kind: Kind = "orthogonal",
+        num_flows: int = 1,
         bottleneck: int | None = None,
-        count_householder: int | None = None,
-        permute: bool = False,
         orthogonalization_steps: int = 30,
         inverse_tol: float | None = None,
         inverse_max_iter: int = 100,
-        num_flows: int = 1,
     ) -> None:
-        super().__init__(inverse_tol, inverse_max_iter)
-        rank, q_shape = _check_kind(input_dim, kind, bottleneck, count_householder, permute)
-        if num_flows < 1:
-            raise ValueError(f"num_flows must be positive, got {num_flows}")
-        self.input_dim = input_dim
-        self.kind = kind
-        self.bottleneck = rank
-        self.permute = permute
+        bottleneck = _bottleneck(input_dim, bottleneck)
+        _check_positive(orthogonalization_steps=orthogonalization_steps)
+        super().__init__(input_dim, num_flows, bottleneck, inverse_tol, inverse_max_iter)
         self.orthogonalization_steps = orthogonalization_steps
-        self.num_flows = num_flows
-        self.triangular = nn.Parameter(torch.empty(num_flows, rank, rank))
-        self.diag_tilde = nn.Parameter(torch.empty(num_flows, rank))
-        self.bias = nn.Parameter(torch.empty(num_flows, rank))
-        if kind == "orthogonal":
-            self.q_free = nn.Parameter(torch.empty(num_flows, *q_shape))
-        elif kind == "householder":
-            self.householder_vectors = nn.Parameter(torch.empty(num_flows, *q_shape))
-        else:  # Q of each flow: the identity, or the reversal on alternate flows
-            eye = torch.eye(input_dim)
-            permutations = [eye.flip(0) if (k + permute) % 2 else eye for k in range(num_flows)]
-            self.register_buffer("permutations", torch.stack(permutations), persistent=False)
+        self.q_free = nn.Parameter(torch.empty(num_flows, input_dim, bottleneck))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Near the identity map: small triangular factors and bias, and :math:`Q` orthonormal
-        (orthogonal kind) or from random reflections (householder kind)."""
-        for parameter in (self.triangular, self.diag_tilde, self.bias):
-            nn.init.uniform_(parameter, -0.01, 0.01)
-        if self.kind == "orthogonal":
-            for q_free in self.q_free:
-                nn.init.orthogonal_(q_free)
-        elif self.kind == "householder":
-            bound = 1.0 / math.sqrt(self.input_dim)
-            nn.init.uniform_(self.householder_vectors, -bound, bound)
+        """Near the identity map, with :math:`Q` orthonormal."""
+        super().reset_parameters()
+        for q_free in self.q_free:
+            nn.init.orthogonal_(q_free)
 
-    def _factors(self) -> _StackedFactors:
-        if self.kind == "orthogonal":
-            q = _orthogonalize(self.q_free, self.orthogonalization_steps)
-        elif self.kind == "householder":
-            q = _householder_matrix(self.householder_vectors)
-        else:
-            q = self.permutations
-        return _StackedFactors(q, self.triangular, self.diag_tilde, self.bias)
+    def _q(self) -> Tensor:
+        return _orthogonalize(self.q_free, self.orthogonalization_steps)
 
 
-class ConditionalSylvester(ConditionalTransformModule):
-    r"""Sylvester normalizing flow whose parameters are computed from a context (amortized).
-
-    .. math::
-
-        \mathbf{y} = \mathbf{x} + Q_c R_c \tanh(\tilde R_c Q_c^T \mathbf{x} + \mathbf{b}_c),
-
-    the flow of :class:`Sylvester` with every factor, :math:`Q_c` included, a function of the
-    context :math:`\mathbf{c}` (in a VAE, the encoder's feature :math:`h(\mathbf{x})`). As in
-    [1] the functions are linear, or a :class:`~pyro.nn.DenseNN` when ``hidden_dims`` is given;
-    one square head gives the strict triangles of both :math:`R_c` and :math:`\tilde R_c`, and
-    the diagonal of :math:`R_c`, as in the code of [1].
-
-    ``condition(context)`` returns a :class:`ConditionedSylvester` whose factors have the
-    context's batch shape ``B``; inputs of shape ``(..., *B, D)`` (e.g. ``(S, B, D)`` for
-    :math:`S` particles) broadcast against it. Per-data-point factors are applied one after
-    another, so no :math:`D \times D` (or :math:`D \times M`) product is formed per data point;
-    the householder kind applies its reflections one by one (measured against the alternatives
-    in :mod:`pyro_dgm.transforms.householder`).
+class HouseholderSylvester(_Sylvester):
+    r"""Householder Sylvester normalizing flow (H-SNF [1]) with learnable global parameters,
+    or a stack of ``num_flows`` of them: the flow of :class:`OrthogonalSylvester` with
+    :math:`M = D` and :math:`Q = H_1 \cdots H_L`, a product of :math:`L` =
+    ``num_reflections`` Householder reflections
+    :math:`H_l = I - 2 \mathbf{v}_l \mathbf{v}_l^T / \lVert \mathbf{v}_l \rVert^2`, orthogonal
+    by construction; the vectors are the parameter ``householder_vectors``, of shape
+    ``(num_flows, num_reflections, D)``.
 
     Example::
 
-        flow = ConditionalSylvester(input_dim=10, context_dim=64, kind="householder")
-        transform = flow.condition(features)  # features: (B, 64)
-        y, log_det = transform.call_and_ladj(x)  # x: (S, B, 10) -> (S, B, 10), (S, B)
+        flows = HouseholderSylvester(10, num_flows=4, num_reflections=8)
+        y, log_det = flows.call_and_ladj(torch.randn(128, 10))  # (128, 10), (128,)
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
-    :param context_dim: the context's dimension :math:`C`.
-    :type context_dim: int
-    :param kind: ``"orthogonal"``, ``"householder"`` or ``"triangular"``, as in
-        :class:`Sylvester`.
-    :type kind: str
-    :param bottleneck: :math:`M` of the orthogonal kind; defaults to ``min(32, D)``.
-    :type bottleneck: int or None
-    :param count_householder: reflections of the householder kind; defaults to 8.
-    :type count_householder: int or None
-    :param permute: triangular kind: :math:`Q` is the reversal permutation.
-    :type permute: bool
-    :param orthogonalization_steps: as in :class:`Sylvester`, applied per data point.
-    :type orthogonalization_steps: int
-    :param inverse_tol: as in :class:`Sylvester`.
+    :param num_flows: :math:`K`, the number of flows in the stack.
+    :type num_flows: int
+    :param num_reflections: :math:`L`, the number of reflections making up each flow's
+        :math:`Q` (a count inside one flow, not a number of flows).
+    :type num_reflections: int
+    :param inverse_tol: as in :class:`OrthogonalSylvester`.
     :type inverse_tol: float or None
-    :param inverse_max_iter: as in :class:`Sylvester`.
+    :param inverse_max_iter: as in :class:`OrthogonalSylvester`.
     :type inverse_max_iter: int
-    :param hidden_dims: hidden widths of a :class:`~pyro.nn.DenseNN` between the context and
-        the factors; ``None`` or empty (default) maps the context linearly, as in [1].
-    :type hidden_dims: Sequence[int] or None
+    :raises ValueError: for a ``num_flows``, ``num_reflections`` or ``inverse_max_iter`` less
+        than 1.
 
     References:
 
     1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
        for Variational Inference", UAI 2018, arXiv:1803.05649.
     """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_flows: int = 1,
+        num_reflections: int = 8,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        _check_positive(num_reflections=num_reflections)
+        super().__init__(input_dim, num_flows, input_dim, inverse_tol, inverse_max_iter)
+        self.num_reflections = num_reflections
+        self.householder_vectors = nn.Parameter(
+            torch.empty(num_flows, num_reflections, input_dim)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Near the identity map, with :math:`Q` from random reflections."""
+        super().reset_parameters()
+        bound = 1.0 / math.sqrt(self.input_dim)
+        nn.init.uniform_(self.householder_vectors, -bound, bound)
+
+    def _q(self) -> Tensor:
+        return _householder_matrix(self.householder_vectors)
+
+
+class TriangularSylvester(_Sylvester):
+    r"""Triangular Sylvester normalizing flow (T-SNF [1]) with learnable global parameters, or
+    a stack of ``num_flows`` of them: the flow of :class:`OrthogonalSylvester` with
+    :math:`M = D` and :math:`Q` the identity or the reversal permutation, alternating along
+    the stack as in [1] (from the reversal if ``permute``).
+
+    Example::
+
+        flows = TriangularSylvester(10, num_flows=4)
+        y, log_det = flows.call_and_ladj(torch.randn(128, 10))  # (128, 10), (128,)
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param num_flows: :math:`K`, the number of flows in the stack.
+    :type num_flows: int
+    :param permute: :math:`Q` of the first flow is the reversal permutation instead of the
+        identity.
+    :type permute: bool
+    :param inverse_tol: as in :class:`OrthogonalSylvester`.
+    :type inverse_tol: float or None
+    :param inverse_max_iter: as in :class:`OrthogonalSylvester`.
+    :type inverse_max_iter: int
+    :raises ValueError: for a ``num_flows`` or ``inverse_max_iter`` less than 1.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_flows: int = 1,
+        permute: bool = False,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        super().__init__(input_dim, num_flows, input_dim, inverse_tol, inverse_max_iter)
+        self.permute = permute
+        eye = torch.eye(input_dim)  # a buffer: it moves with the module
+        permutations = [eye.flip(0) if (k + permute) % 2 else eye for k in range(num_flows)]
+        self.register_buffer("permutations", torch.stack(permutations), persistent=False)
+        self.reset_parameters()
+
+    def _q(self) -> Tensor:
+        return self.permutations
+
+
+def _param_shapes(
+    num_flows: int, rank: int, q_shape: tuple[int, ...] | None
+) -> list[tuple[int, ...]]:
+    """Shapes of the free parameters of ``num_flows`` amortized flows, in the order of the
+    hypernetwork's outputs: squares (K, M, M), diagonals of R~ (K, M), biases (K, M), and
+    Q's parameters (K, *q_shape) if any."""
+    shapes = [(num_flows, rank, rank), (num_flows, rank), (num_flows, rank)]
+    return shapes if q_shape is None else [*shapes, (num_flows, *q_shape)]
+
+
+class _LinearHeads(nn.Module):
+    """One linear map from the context to all the parameters, as in [1], split into a tuple
+    of tensors of sizes ``param_dims`` (as :class:`~pyro.nn.DenseNN` returns them)."""
+
+    def __init__(self, context_dim: int, param_dims: Sequence[int]) -> None:
+        super().__init__()
+        self.param_dims = list(param_dims)
+        self.linear = nn.Linear(context_dim, sum(self.param_dims))
+
+    def forward(self, context: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.linear(context).split(self.param_dims, dim=-1))
+
+
+def _hypernet(
+    context_dim: int, hidden_dims: Sequence[int] | None, param_shapes: list[tuple[int, ...]]
+) -> nn.Module:
+    """The helpers' network: linear heads (the paper's) without hidden widths, else a
+    :class:`~pyro.nn.DenseNN`."""
+    param_dims = [math.prod(shape) for shape in param_shapes]
+    if hidden_dims:
+        return DenseNN(context_dim, list(hidden_dims), param_dims=param_dims)
+    return _LinearHeads(context_dim, param_dims)
+
+
+class _ConditionalSylvester(ConditionalTransformModule):
+    """A stack of ``num_flows`` amortized flows: ``nn`` computes the free parameters of all
+    of them from the context; subclasses turn them into a conditioned transform
+    (:meth:`_conditioned`)."""
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
@@ -947,119 +1189,397 @@ class ConditionalSylvester(ConditionalTransformModule):
     def __init__(
         self,
         input_dim: int,
-        context_dim: int,
-        kind: Kind = "orthogonal",
-        bottleneck: int | None = None,
-        count_householder: int | None = None,
-        permute: bool = False,
-        orthogonalization_steps: int = 30,
-        inverse_tol: float | None = None,
-        inverse_max_iter: int = 100,
-        hidden_dims: Sequence[int] | None = None,
+        nn: Callable,
+        num_flows: int,
+        bottleneck: int,
+        q_shape: tuple[int, ...] | None,
+        inverse_tol: float | None,
+        inverse_max_iter: int,
     ) -> None:
         super().__init__()
-        rank, q_shape = _check_kind(input_dim, kind, bottleneck, count_householder, permute)
+        _check_positive(num_flows=num_flows, inverse_max_iter=inverse_max_iter)
         self.input_dim = input_dim
-        self.context_dim = context_dim
-        self.kind = kind
-        self.bottleneck = rank
-        self.permute = permute
-        self.orthogonalization_steps = orthogonalization_steps
+        self.nn = nn
+        self.num_flows = num_flows
+        self.bottleneck = bottleneck
         self.inverse_tol = inverse_tol
         self.inverse_max_iter = inverse_max_iter
-        self.q_shape = q_shape
-        self.param_dims = [rank * rank, rank, rank, math.prod(q_shape or (0,))]
-        if hidden_dims:
-            self.hypernet: nn.Module = DenseNN(
-                context_dim, list(hidden_dims), param_dims=[sum(self.param_dims)]
+        #: the shapes of the parameter groups ``nn`` computes, in order
+        self.param_shapes = _param_shapes(num_flows, bottleneck, q_shape)
+
+    @property
+    def param_dims(self) -> list[int]:
+        """The sizes of the parameter groups ``nn`` returns, in order."""
+        return [math.prod(shape) for shape in self.param_shapes]
+
+    def params(self, context: Tensor) -> list[Tensor]:
+        """``nn``'s output for ``context`` (..., C) as tensors of the shapes
+        :attr:`param_shapes`, after the batch shape ``(...)``."""
+        output = self.nn(context)
+        if torch.is_tensor(output):
+            output = output.split(self.param_dims, dim=-1)
+        if len(output) != len(self.param_shapes):
+            raise ValueError(
+                f"nn must return {len(self.param_shapes)} tensors of sizes {self.param_dims} "
+                f"(or one tensor of their total size), got {len(output)}"
             )
-        else:
-            self.hypernet = nn.Linear(context_dim, sum(self.param_dims))
+        return [
+            group.unflatten(-1, shape)
+            for group, shape in zip(output, self.param_shapes, strict=True)
+        ]
 
-    def condition(self, context: Tensor) -> ConditionedSylvester:
-        """The flow with the factors for ``context`` of shape ``(*B, C)``."""
-        params = self.hypernet(context)
-        square, diag_tilde, bias, q_params = params.split(self.param_dims, dim=-1)
-        rank = self.bottleneck
-        r, r_tilde = _triangular_factors(square.unflatten(-1, (rank, rank)), diag_tilde)
-        q = householder_vectors = None
-        if self.kind == "orthogonal":
-            q = _orthogonalize(q_params.unflatten(-1, self.q_shape), self.orthogonalization_steps)
-        elif self.kind == "householder":
-            householder_vectors = q_params.unflatten(-1, self.q_shape)
-        return ConditionedSylvester(
-            r,
-            r_tilde,
-            bias,
-            q=q,
-            householder_vectors=householder_vectors,
-            permute=self.permute,
-            inverse_tol=self.inverse_tol,
-            inverse_max_iter=self.inverse_max_iter,
-        )
+    def condition(self, context: Tensor) -> _ConditionedSylvester:
+        """The stack of flows with the factors for ``context`` of shape ``(*B, C)``."""
+        square, diag_tilde, bias, *q_params = self.params(context)
+        r, r_tilde = _triangular_factors(square, diag_tilde)
+        return self._conditioned(r, r_tilde, bias, *q_params)
+
+    def _conditioned(
+        self, r: Tensor, r_tilde: Tensor, bias: Tensor, *q_params: Tensor
+    ) -> _ConditionedSylvester:
+        raise NotImplementedError
 
 
-def sylvester(
-    input_dim: int,
-    kind: Kind = "orthogonal",
-    bottleneck: int | None = None,
-    count_householder: int | None = None,
-    permute: bool = False,
-    **kwargs,
-) -> Sylvester:
-    """Build a :class:`Sylvester` flow, in the manner of Pyro's helpers.
+class ConditionalOrthogonalSylvester(_ConditionalSylvester):
+    r"""Orthogonal Sylvester flows (O-SNF [1]), a stack of ``num_flows``, whose parameters are
+    computed from a context (amortized):
+
+    .. math::
+
+        \mathbf{z} \mapsto \mathbf{z} + Q_k R_k \tanh(\tilde R_k Q_k^T \mathbf{z}
+        + \mathbf{b}_k), \qquad k = 1, \ldots, K,
+
+    the flows of :class:`OrthogonalSylvester` with every factor, :math:`Q_k` included, a
+    function of the context :math:`\mathbf{c}` (in a VAE, the encoder's feature
+    :math:`h(\mathbf{x})`), computed by ``nn``. As in the code of [1], one square matrix gives
+    the strict triangles of both :math:`R_k` and :math:`\tilde R_k` and, through ``tanh``, the
+    diagonal of :math:`R_k`; the diagonal of :math:`\tilde R_k` is ``tanh`` of a vector of its
+    own. ``nn``'s outputs, in this order and flattened (their sizes are :attr:`param_dims`):
+    the squares ``(K, M, M)``, the diagonals of :math:`\tilde R` ``(K, M)``, the biases
+    ``(K, M)`` and the free matrices of :math:`Q` ``(K, D, M)``, orthogonalised per data point
+    as in :class:`OrthogonalSylvester`. :func:`conditional_orthogonal_sylvester` builds ``nn``.
+
+    ``condition(context)`` returns a :class:`ConditionedOrthogonalSylvester` whose factors
+    have the context's batch shape ``B``; inputs of shape ``(..., *B, D)`` (e.g. ``(S, B, D)``
+    for :math:`S` particles) broadcast against it. Per-data-point factors are applied one
+    after another, so no :math:`D \times M` product is formed per data point.
+
+    Example::
+
+        flows = conditional_orthogonal_sylvester(10, 64, num_flows=4)
+        transform = flows.condition(features)  # features: (B, 64)
+        y, log_det = transform.call_and_ladj(x)  # x: (S, B, 10) -> (S, B, 10), (S, B)
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
-    :param kind: ``"orthogonal"``, ``"householder"`` or ``"triangular"``.
-    :type kind: str
-    :param bottleneck: :math:`M` of the orthogonal kind; defaults to ``min(32, D)``.
+    :param nn: maps a context of shape ``(..., C)`` to a tuple of tensors of shapes
+        ``(..., size)`` for the sizes :attr:`param_dims` (as
+        ``DenseNN(C, hidden_dims, param_dims)`` does), or to one tensor of their total size.
+    :type nn: callable
+    :param num_flows: :math:`K`, the number of flows in the stack.
+    :type num_flows: int
+    :param bottleneck: :math:`M`; defaults to ``min(32, D)``.
     :type bottleneck: int or None
-    :param count_householder: reflections of the householder kind; defaults to 8.
-    :type count_householder: int or None
-    :param permute: triangular kind: use the reversal permutation.
-    :type permute: bool
-    :param kwargs: further keyword arguments of :class:`Sylvester`.
+    :param orthogonalization_steps: as in :class:`OrthogonalSylvester`.
+    :type orthogonalization_steps: int
+    :param inverse_tol: as in :class:`OrthogonalSylvester`.
+    :type inverse_tol: float or None
+    :param inverse_max_iter: as in :class:`OrthogonalSylvester`.
+    :type inverse_max_iter: int
+    :raises ValueError: for a ``bottleneck`` outside :math:`[1, D]`, or a ``num_flows``,
+        ``orthogonalization_steps`` or ``inverse_max_iter`` less than 1; from
+        :meth:`condition`, if ``nn`` returns another number of tensors.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
     """
-    return Sylvester(input_dim, kind, bottleneck, count_householder, permute, **kwargs)
+
+    def __init__(
+        self,
+        input_dim: int,
+        nn: Callable,
+        num_flows: int = 1,
+        bottleneck: int | None = None,
+        orthogonalization_steps: int = 30,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        bottleneck = _bottleneck(input_dim, bottleneck)
+        _check_positive(orthogonalization_steps=orthogonalization_steps)
+        super().__init__(
+            input_dim, nn, num_flows, bottleneck, (input_dim, bottleneck), inverse_tol,
+            inverse_max_iter,
+        )
+        self.orthogonalization_steps = orthogonalization_steps
+
+    def _conditioned(
+        self, r: Tensor, r_tilde: Tensor, bias: Tensor, q_free: Tensor
+    ) -> ConditionedOrthogonalSylvester:
+        q = _orthogonalize(q_free, self.orthogonalization_steps)
+        return ConditionedOrthogonalSylvester(
+            r, r_tilde, bias, q, self.inverse_tol, self.inverse_max_iter
+        )
 
 
-def conditional_sylvester(
+class ConditionalHouseholderSylvester(_ConditionalSylvester):
+    r"""Householder Sylvester flows (H-SNF [1]), a stack of ``num_flows``, whose parameters,
+    the reflection vectors of each :math:`Q_k = H_{k,1} \cdots H_{k,L}` included, are computed
+    from a context (amortized): the flows of :class:`HouseholderSylvester`, amortized as in
+    :class:`ConditionalOrthogonalSylvester`. ``nn``'s outputs, in this order and flattened:
+    the squares ``(K, D, D)``, the diagonals of :math:`\tilde R` ``(K, D)``, the biases
+    ``(K, D)`` and the reflection vectors ``(K, L, D)``;
+    :func:`conditional_householder_sylvester` builds ``nn``. ``condition(context)`` returns a
+    :class:`ConditionedHouseholderSylvester`, which applies per-data-point reflections one by
+    one (measured against the alternatives in :mod:`pyro_dgm.transforms.householder`).
+
+    Example::
+
+        flows = conditional_householder_sylvester(10, 64, num_flows=4, num_reflections=8)
+        y, log_det = flows.condition(features).call_and_ladj(x)
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param nn: as in :class:`ConditionalOrthogonalSylvester`, with the outputs above.
+    :type nn: callable
+    :param num_flows: :math:`K`, the number of flows in the stack.
+    :type num_flows: int
+    :param num_reflections: :math:`L`, the number of reflections making up each flow's
+        :math:`Q` (a count inside one flow, not a number of flows).
+    :type num_reflections: int
+    :param inverse_tol: as in :class:`OrthogonalSylvester`.
+    :type inverse_tol: float or None
+    :param inverse_max_iter: as in :class:`OrthogonalSylvester`.
+    :type inverse_max_iter: int
+    :raises ValueError: for a ``num_flows``, ``num_reflections`` or ``inverse_max_iter`` less
+        than 1; from :meth:`condition`, if ``nn`` returns another number of tensors.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        nn: Callable,
+        num_flows: int = 1,
+        num_reflections: int = 8,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        _check_positive(num_reflections=num_reflections)
+        super().__init__(
+            input_dim, nn, num_flows, input_dim, (num_reflections, input_dim), inverse_tol,
+            inverse_max_iter,
+        )
+        self.num_reflections = num_reflections
+
+    def _conditioned(
+        self, r: Tensor, r_tilde: Tensor, bias: Tensor, householder_vectors: Tensor
+    ) -> ConditionedHouseholderSylvester:
+        return ConditionedHouseholderSylvester(
+            r, r_tilde, bias, householder_vectors, self.inverse_tol, self.inverse_max_iter
+        )
+
+
+class ConditionalTriangularSylvester(_ConditionalSylvester):
+    r"""Triangular Sylvester flows (T-SNF [1]), a stack of ``num_flows``, whose parameters are
+    computed from a context (amortized): the flows of :class:`TriangularSylvester` (:math:`Q`
+    alternating between the identity and the reversal permutation, from the reversal if
+    ``permute``), amortized as in :class:`ConditionalOrthogonalSylvester`. ``nn``'s outputs,
+    in this order and flattened: the squares ``(K, D, D)``, the diagonals of :math:`\tilde R`
+    ``(K, D)`` and the biases ``(K, D)``; :func:`conditional_triangular_sylvester` builds
+    ``nn``. ``condition(context)`` returns a :class:`ConditionedTriangularSylvester`.
+
+    Example::
+
+        flows = conditional_triangular_sylvester(10, 64, num_flows=4)
+        y, log_det = flows.condition(features).call_and_ladj(x)
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param nn: as in :class:`ConditionalOrthogonalSylvester`, with the outputs above.
+    :type nn: callable
+    :param num_flows: :math:`K`, the number of flows in the stack.
+    :type num_flows: int
+    :param permute: :math:`Q` of the first flow is the reversal permutation instead of the
+        identity.
+    :type permute: bool
+    :param inverse_tol: as in :class:`OrthogonalSylvester`.
+    :type inverse_tol: float or None
+    :param inverse_max_iter: as in :class:`OrthogonalSylvester`.
+    :type inverse_max_iter: int
+    :raises ValueError: for a ``num_flows`` or ``inverse_max_iter`` less than 1; from
+        :meth:`condition`, if ``nn`` returns another number of tensors.
+
+    References:
+
+    1. R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling, "Sylvester Normalizing Flows
+       for Variational Inference", UAI 2018, arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        nn: Callable,
+        num_flows: int = 1,
+        permute: bool = False,
+        inverse_tol: float | None = None,
+        inverse_max_iter: int = 100,
+    ) -> None:
+        super().__init__(
+            input_dim, nn, num_flows, input_dim, None, inverse_tol, inverse_max_iter
+        )
+        self.permute = permute
+
+    def _conditioned(
+        self, r: Tensor, r_tilde: Tensor, bias: Tensor
+    ) -> ConditionedTriangularSylvester:
+        return ConditionedTriangularSylvester(
+            r, r_tilde, bias, self.permute, self.inverse_tol, self.inverse_max_iter
+        )
+
+
+def orthogonal_sylvester(
+    input_dim: int, num_flows: int = 1, bottleneck: int | None = None, **kwargs
+) -> OrthogonalSylvester:
+    """Build an :class:`OrthogonalSylvester` stack, in the manner of Pyro's helpers.
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param num_flows: the number of flows in the stack.
+    :type num_flows: int
+    :param bottleneck: :math:`M`; defaults to ``min(32, D)``.
+    :type bottleneck: int or None
+    :param kwargs: further keyword arguments of :class:`OrthogonalSylvester`.
+    """
+    return OrthogonalSylvester(input_dim, num_flows, bottleneck, **kwargs)
+
+
+def householder_sylvester(
+    input_dim: int, num_flows: int = 1, num_reflections: int = 8, **kwargs
+) -> HouseholderSylvester:
+    """Build a :class:`HouseholderSylvester` stack, in the manner of Pyro's helpers.
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param num_flows: the number of flows in the stack.
+    :type num_flows: int
+    :param num_reflections: the number of reflections making up each flow's :math:`Q`.
+    :type num_reflections: int
+    :param kwargs: further keyword arguments of :class:`HouseholderSylvester`.
+    """
+    return HouseholderSylvester(input_dim, num_flows, num_reflections, **kwargs)
+
+
+def triangular_sylvester(
+    input_dim: int, num_flows: int = 1, permute: bool = False, **kwargs
+) -> TriangularSylvester:
+    """Build a :class:`TriangularSylvester` stack, in the manner of Pyro's helpers.
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param num_flows: the number of flows in the stack.
+    :type num_flows: int
+    :param permute: :math:`Q` of the first flow is the reversal permutation.
+    :type permute: bool
+    :param kwargs: further keyword arguments of :class:`TriangularSylvester`.
+    """
+    return TriangularSylvester(input_dim, num_flows, permute, **kwargs)
+
+
+def conditional_orthogonal_sylvester(
     input_dim: int,
     context_dim: int,
-    kind: Kind = "orthogonal",
     hidden_dims: Sequence[int] | None = None,
+    num_flows: int = 1,
     bottleneck: int | None = None,
-    count_householder: int | None = None,
-    permute: bool = False,
     **kwargs,
-) -> ConditionalSylvester:
-    """Build a :class:`ConditionalSylvester` flow, in the manner of Pyro's helpers.
+) -> ConditionalOrthogonalSylvester:
+    """Build a :class:`ConditionalOrthogonalSylvester` stack and its network, in the manner
+    of Pyro's helpers.
 
     :param input_dim: the event dimension :math:`D`.
     :type input_dim: int
     :param context_dim: the context's dimension :math:`C`.
     :type context_dim: int
-    :param kind: ``"orthogonal"``, ``"householder"`` or ``"triangular"``.
-    :type kind: str
-    :param hidden_dims: hidden widths of a :class:`~pyro.nn.DenseNN` hypernetwork; ``None``
-        (default) uses linear heads, as in the paper.
+    :param hidden_dims: hidden widths of a :class:`~pyro.nn.DenseNN` computing the parameters;
+        ``None`` or empty (default) maps the context linearly, as in the paper (Pyro's
+        helpers default to two hidden layers instead).
     :type hidden_dims: Sequence[int] or None
-    :param bottleneck: :math:`M` of the orthogonal kind; defaults to ``min(32, D)``.
+    :param num_flows: the number of flows in the stack.
+    :type num_flows: int
+    :param bottleneck: :math:`M`; defaults to ``min(32, D)``.
     :type bottleneck: int or None
-    :param count_householder: reflections of the householder kind; defaults to 8.
-    :type count_householder: int or None
-    :param permute: triangular kind: use the reversal permutation.
-    :type permute: bool
-    :param kwargs: further keyword arguments of :class:`ConditionalSylvester`.
+    :param kwargs: further keyword arguments of :class:`ConditionalOrthogonalSylvester`.
     """
-    return ConditionalSylvester(
-        input_dim,
-        context_dim,
-        kind,
-        bottleneck,
-        count_householder,
-        permute,
-        hidden_dims=hidden_dims,
+    _check_positive(num_flows=num_flows)  # before building a network of no outputs
+    rank = _bottleneck(input_dim, bottleneck)
+    shapes = _param_shapes(num_flows, rank, (input_dim, rank))
+    return ConditionalOrthogonalSylvester(
+        input_dim, _hypernet(context_dim, hidden_dims, shapes), num_flows, rank, **kwargs
+    )
+
+
+def conditional_householder_sylvester(
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    num_flows: int = 1,
+    num_reflections: int = 8,
+    **kwargs,
+) -> ConditionalHouseholderSylvester:
+    """Build a :class:`ConditionalHouseholderSylvester` stack and its network, in the manner
+    of Pyro's helpers.
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param context_dim: the context's dimension :math:`C`.
+    :type context_dim: int
+    :param hidden_dims: as in :func:`conditional_orthogonal_sylvester`.
+    :type hidden_dims: Sequence[int] or None
+    :param num_flows: the number of flows in the stack.
+    :type num_flows: int
+    :param num_reflections: the number of reflections making up each flow's :math:`Q`.
+    :type num_reflections: int
+    :param kwargs: further keyword arguments of :class:`ConditionalHouseholderSylvester`.
+    """
+    _check_positive(num_flows=num_flows, num_reflections=num_reflections)
+    shapes = _param_shapes(num_flows, input_dim, (num_reflections, input_dim))
+    return ConditionalHouseholderSylvester(
+        input_dim, _hypernet(context_dim, hidden_dims, shapes), num_flows, num_reflections,
         **kwargs,
+    )
+
+
+def conditional_triangular_sylvester(
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    num_flows: int = 1,
+    permute: bool = False,
+    **kwargs,
+) -> ConditionalTriangularSylvester:
+    """Build a :class:`ConditionalTriangularSylvester` stack and its network, in the manner
+    of Pyro's helpers.
+
+    :param input_dim: the event dimension :math:`D`.
+    :type input_dim: int
+    :param context_dim: the context's dimension :math:`C`.
+    :type context_dim: int
+    :param hidden_dims: as in :func:`conditional_orthogonal_sylvester`.
+    :type hidden_dims: Sequence[int] or None
+    :param num_flows: the number of flows in the stack.
+    :type num_flows: int
+    :param permute: :math:`Q` of the first flow is the reversal permutation.
+    :type permute: bool
+    :param kwargs: further keyword arguments of :class:`ConditionalTriangularSylvester`.
+    """
+    _check_positive(num_flows=num_flows)
+    shapes = _param_shapes(num_flows, input_dim, None)
+    return ConditionalTriangularSylvester(
+        input_dim, _hypernet(context_dim, hidden_dims, shapes), num_flows, permute, **kwargs
     )
