@@ -2,14 +2,15 @@
 
 A stack of 8 flows on D = 64, batch 1024, float32: ``loss = sum(|z_8|^2 / 2 - sum_k log|det J_k|)``
 and its gradient with respect to all parameters, as in one step of training a flow. Pyro's
-``Sylvester(64, 33)`` (33 Householder reflections per flow) is matched in size by our householder
-kind with ``count_householder=33``, and Pyro's ``Householder(64, 33)`` by ours with 33
-reflections. Pyro's stacks are 8 modules of one flow each; ours are one ``Sylvester(...,
-num_flows=8)`` (the same 8 flows and parameters, the factors of all flows computed in one batched
-pass), and, for comparison, 8 modules of one flow (the row "8 modules"). The Householder flow is a
-stack of reflections already (8 modules of 33). The other rows show our remaining kinds, with
-global parameters (one module of 8 flows) and amortized ones
-(per data point, from a context of dimension 256; on the CPU their cost is dominated by the
+``Sylvester(64, 33)`` (33 Householder reflections per flow) is matched in size by our
+``HouseholderSylvester`` with ``num_reflections=33``, and Pyro's ``Householder(64, 33)`` by ours
+with 33 reflections. Pyro's stacks are 8 modules of one flow each; ours are one
+``HouseholderSylvester(..., num_flows=8)`` (the same 8 flows and parameters, the factors of all
+flows computed in one batched pass), and, for comparison, 8 modules of one flow (the row "8
+modules"). The Householder flow is a stack of reflections already (8 modules of 33). The other
+rows show our remaining kinds, with global parameters (one module of 8 flows) and amortized ones
+(one conditional module of 8 flows, as ``pyro_dgm.models.VAE`` builds them; per data point, from
+a context of dimension 256; on the CPU their cost is dominated by the
 linear heads, which output :math:`D^2 + 2D + KD` numbers per data point and flow, as in the
 paper, so they are timed on CUDA only).
 
@@ -22,7 +23,7 @@ settings) on statically binarized MNIST: ``pyro_dgm.models.VAE`` with latent dim
 MLP encoder 784-300-300 and mirrored decoder, 16 flows of each kind (none, planar, IAF,
 Householder, and the orthogonal, Householder and triangular Sylvester flows), batch 100 on the
 50,000 training images (500 steps), Adam lr 1e-3, ``TraceAnalyticKL_ELBO`` through
-:func:`pyro_dgm.infer.train_epoch`. After 5 warm-up steps per kind, every kind trains in turn
+:func:`pyro_dgm.experiments.train_epoch`. After 5 warm-up steps per kind, every kind trains in turn
 for a full epoch (median of 2 rounds), or with ``--quick`` for 3 interleaved rounds of 20-step
 blocks whose median is extrapolated to 500 steps (the header says which). Without the data in
 ``../shared/data/BinarizedMNIST`` (or ``$PYRO_DGM_DATA_DIR``), random binary images stand in
@@ -51,13 +52,19 @@ from _timing import synchronize
 from torch import Tensor, nn
 
 from pyro_dgm.data import MinibatchLoader, load_binarized_mnist
-from pyro_dgm.infer import TraceAnalyticKL_ELBO, train_epoch
+from pyro_dgm.experiments import train_epoch
+from pyro_dgm.infer import TraceAnalyticKL_ELBO
 from pyro_dgm.models import VAE
 from pyro_dgm.transforms import (
     ConditionalHouseholder,
-    ConditionalSylvester,
     Householder,
-    Sylvester,
+    HouseholderChainNN,
+    HouseholderSylvester,
+    OrthogonalSylvester,
+    TriangularSylvester,
+    conditional_householder_sylvester,
+    conditional_orthogonal_sylvester,
+    conditional_triangular_sylvester,
 )
 
 DIM = 64
@@ -109,38 +116,32 @@ def _rows() -> dict[str, tuple[_Stack, str | None]]:
     c = CONTEXT_DIM
     pyro_sylvester, pyro_householder = "pyro Sylvester(64, 33)", "pyro Householder(64, 33)"
 
-    def stacked(**options) -> _Stack:  # one module of DEPTH flows
-        return _Stack(lambda k: Sylvester(DIM, num_flows=DEPTH, **options), modules=1)
+    def stacked(flow: Callable[..., nn.Module], **options) -> _Stack:  # one module, DEPTH flows
+        return _Stack(lambda k: flow(DIM, num_flows=DEPTH, **options), modules=1)
+
+    def amortized(flow: Callable[..., nn.Module]) -> _Stack:  # one module of DEPTH flows
+        return _Stack(lambda k: flow(DIM, c, num_flows=DEPTH), amortized=True, modules=1)
 
     return {
         pyro_sylvester: (_Stack(lambda k: pyro_transforms.Sylvester(DIM, 33)), None),
         pyro_householder: (_Stack(lambda k: pyro_transforms.Householder(DIM, 33)), None),
-        "H-SNF K=33": (stacked(kind="householder", count_householder=33), pyro_sylvester),
+        "H-SNF K=33": (stacked(HouseholderSylvester, num_reflections=33), pyro_sylvester),
         "H-SNF K=33, 8 modules": (
-            _Stack(lambda k: Sylvester(DIM, "householder", count_householder=33)),
+            _Stack(lambda k: HouseholderSylvester(DIM, num_reflections=33)),
             pyro_sylvester,
         ),
         "Householder K=33": (_Stack(lambda k: Householder(DIM, 33)), pyro_householder),
-        "H-SNF K=8": (stacked(kind="householder"), pyro_sylvester),
-        "O-SNF M=32": (stacked(kind="orthogonal"), pyro_sylvester),
-        "T-SNF": (stacked(kind="triangular"), pyro_sylvester),
-        "amortized H-SNF K=8": (
-            _Stack(lambda k: ConditionalSylvester(DIM, c, "householder"), amortized=True),
-            None,
-        ),
-        "amortized O-SNF M=32": (
-            _Stack(lambda k: ConditionalSylvester(DIM, c, "orthogonal"), amortized=True),
-            None,
-        ),
-        "amortized T-SNF": (
+        "H-SNF K=8": (stacked(HouseholderSylvester), pyro_sylvester),
+        "O-SNF M=32": (stacked(OrthogonalSylvester), pyro_sylvester),
+        "T-SNF": (stacked(TriangularSylvester), pyro_sylvester),
+        "amortized H-SNF K=8": (amortized(conditional_householder_sylvester), None),
+        "amortized O-SNF M=32": (amortized(conditional_orthogonal_sylvester), None),
+        "amortized T-SNF": (amortized(conditional_triangular_sylvester), None),
+        "amortized Householder K=33": (
             _Stack(
-                lambda k: ConditionalSylvester(DIM, c, "triangular", permute=k % 2 == 1),
+                lambda k: ConditionalHouseholder(DIM, HouseholderChainNN(c, DIM, 33), 33),
                 amortized=True,
             ),
-            None,
-        ),
-        "amortized Householder K=33": (
-            _Stack(lambda k: ConditionalHouseholder(DIM, c, 33), amortized=True),
             None,
         ),
     }

@@ -11,7 +11,7 @@ the loss scaled to the whole data set (N / B times the batch sum):
   rejection-sampling correction term written by hand, no Pyro (isolates the vMF's cost);
 * **pyro_dgm, S-VAE** and **pyro_dgm, N-VAE**: ``pyro_dgm.models.VAE`` trained as
   ``examples/svae_mnist.py`` trains it: ``TraceAnalyticKL_ELBO().differentiable_loss`` with a
-  torch optimizer through :func:`pyro_dgm.infer.train_epoch` (target: S-VAE / plain <= 1.4);
+  torch optimizer through :func:`pyro_dgm.experiments.train_epoch` (target: S-VAE / plain <= 1.4);
 * **pyro SVI.step, S-VAE**: the same model, ELBO and optimizer through ``pyro.infer.SVI`` and
   ``pyro.optim.Adam`` (Pyro's parameter bookkeeping and a host synchronisation every step).
 
@@ -47,7 +47,8 @@ from torch.distributions import kl_divergence
 
 from pyro_dgm.data import MinibatchLoader, load_embedded_mnist_subset, load_mnist
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
-from pyro_dgm.infer import TraceAnalyticKL_ELBO, train_epoch
+from pyro_dgm.experiments import train_epoch
+from pyro_dgm.infer import TraceAnalyticKL_ELBO
 from pyro_dgm.models import VAE
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -125,7 +126,7 @@ def _plain_row(name: str, latent: str, num_data: int, device: torch.device) -> R
     model = PlainVAE(latent).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
 
-    def train(batches: Batches) -> float:  # the loop of pyro_dgm.infer.train_epoch
+    def train(batches: Batches) -> float:  # the loop of pyro_dgm.experiments.train_epoch
         total, count = None, 0
         for x, _ in batches:
             optimizer.zero_grad(set_to_none=True)

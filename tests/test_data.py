@@ -13,7 +13,6 @@ from pyro_dgm.data import (
     MinibatchLoader,
     binarize,
     binarize_fixed,
-    build_mnist_subset,
     load_binarized_mnist,
     load_embedded_mnist_subset,
     load_embedded_mnist_subset_indices,
@@ -23,6 +22,8 @@ from pyro_dgm.data import (
     write_idx,
 )
 from pyro_dgm.data import mnist as mnist_module
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 DATA_DIR = Path(
     os.environ.get("PYRO_DGM_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared/data")
@@ -111,6 +112,9 @@ def test_fallback_to_embedded_subset_when_download_fails(tmp_path, monkeypatch):
     splits = load_mnist_or_fallback(tmp_path, download=True)
     assert splits.source.startswith("embedded MNIST subset (10,000 train / 2,000 test)")
     assert splits.source.endswith("torchvision download failed: OSError: network is unreachable")
+    # a folder the user named is never replaced by the subset
+    with pytest.raises(FileNotFoundError, match=f"no MNIST in {tmp_path}.*network is unreachable"):
+        load_mnist_or_fallback(tmp_path, download=True, fallback=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +250,9 @@ def test_embedded_subset_size_at_most_3_mb():
 
 @requires_mnist
 def test_build_mnist_subset_round_trip(tmp_path, mnist):
+    import runpy
+
+    build_mnist_subset = runpy.run_path(str(TOOLS / "build_mnist_subset.py"))["build_mnist_subset"]
     paths = build_mnist_subset(DATA_DIR, tmp_path, num_train=30, num_test=20, seed=1)
     assert sorted(path.name for path in paths) == sorted(path.name for path in tmp_path.iterdir())
     train_images, train_labels, test_images, test_labels = load_embedded_mnist_subset(tmp_path)

@@ -1,12 +1,15 @@
-"""The examples end to end, on a small budget: outputs, metrics and --resume."""
+"""The examples end to end, on a small budget: outputs, metrics, --resume, and what a new user
+runs into (few test images, a missing data folder, a missing device, zero epochs, --help)."""
 
 import json
 import math
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -25,27 +28,104 @@ def test_svae_example_trains_reports_and_resumes(latent, data_dir, tmp_path, mon
               "--test-images", 300, "--data-dir", data_dir, "--out", out, "--no-progress"]
     metrics = run_example(monkeypatch, "--epochs", 1, *common)
     printed = capsys.readouterr().out
-    assert "MNIST from" in printed and "3,000 training images" in printed
-    assert "LL" in printed and "ELBO" in printed and "RE" in printed and "KL" in printed
+    assert "data: MNIST from" in printed and "3,000 training / 0 validation" in printed
+    assert all(column in printed for column in ("LL", "ELBO", "RE", "KL", "AU", "MI"))
     for name in ("checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png",
                  "latent.png"):
         assert (out / name).is_file(), name
-    saved = json.loads((out / "metrics.json").read_text())
-    test = saved["test"]
+    test = json.loads((out / "metrics.json").read_text())["test"]
     assert test["elbo"] == pytest.approx(test["reconstruction"] - test["kl"], rel=1e-6)
     assert test["elbo"] <= test["log_likelihood"] + 1.0 and test["kl"] > 0
     assert metrics["history"][0]["epoch"] == 1
 
     resumed = run_example(monkeypatch, "--epochs", 2, "--resume", *common)
     printed = capsys.readouterr().out
-    assert "resumed" in printed and "epoch   2" in printed and "epoch   1 " not in printed
+    assert "resumed run" in printed and "epoch    2" in printed and "epoch    1 " not in printed
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["run_id"] == metrics["run_id"]
 
 
-def run_flows_example(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["flows_mnist.py", *map(str, args)])
-    module = runpy.run_path(str(EXAMPLES / "flows_mnist.py"), run_name="flows_mnist")
-    return module["main"]()
+def test_svae_example_with_validation_keeps_the_best_epoch(data_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    out = tmp_path / "run"
+    metrics = run_example(monkeypatch, "--epochs", 2, "--valid-images", 300, "--patience", 5,
+                          "--warmup-epochs", 1, "--latent-dim", 3, "--num-samples", 4,
+                          "--train-images", 1300, "--test-images", 100, "--data-dir", data_dir,
+                          "--out", out, "--no-progress")
+    printed = capsys.readouterr().out
+    assert "1,000 training / 300 validation / 100 test images" in printed
+    assert "loaded the best epoch" in printed and (out / "best.pt").is_file()
+    assert metrics["best_epoch"] in (1, 2)
+    assert [h["kl_scale"] for h in metrics["history"]] == [1.0, 1.0]  # beta reaches 1 in epoch 1
+    assert all("valid_score" in h for h in metrics["history"])
+
+
+def test_ten_test_images_still_give_metrics_and_pictures(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_example(monkeypatch, "--epochs", 1, "--latent-dim", 2, "--num-samples", 2,
+                "--train-images", 500, "--test-images", 10, "--surgery-points", 10,
+                "--data-dir", data_dir, "--out", out, "--no-progress")
+    assert json.loads((out / "metrics.json").read_text())["test"]["test_images"] == 10
+    assert (out / "reconstructions.png").is_file() and (out / "samples.png").is_file()
+
+
+def test_zero_epochs_say_no_checkpoint_was_written(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    run_example(monkeypatch, "--epochs", 0, "--latent-dim", 2, "--num-samples", 2,
+                "--train-images", 500, "--test-images", 40, "--surgery-points", 10,
+                "--data-dir", data_dir, "--out", out, "--no-progress")
+    printed = capsys.readouterr().out
+    assert "checkpoint" not in printed.splitlines()[-1]
+    assert not (out / "checkpoint.pt").exists() and (out / "metrics.json").is_file()
+
+
+def _command_line(tmp_path, *args, name="svae_mnist"):
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def test_a_named_data_folder_that_is_missing_is_an_error(tmp_path):
+    result = _command_line(tmp_path, "--data-dir", tmp_path / "nonexistent", "--out",
+                           tmp_path / "run")
+    assert result.returncode == 2
+    assert f"--data-dir {tmp_path / 'nonexistent'}: no such folder" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: this machine has no CUDA device"),
+    ("gpu", "--device gpu: not a device"),
+])
+def test_a_missing_device_is_a_one_line_error_before_anything_runs(tmp_path, device, message):
+    result = _command_line(tmp_path, "--device", device, "--out", tmp_path / "run")
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and "data:" not in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["svae_mnist", "vampprior_mnist", "flows_mnist"])
+def test_help_explains_every_option_once(tmp_path, name):
+    text = _command_line(tmp_path, "--help", name=name).stdout
+    assert "(default: None)" not in text and "(default: all)" not in text
+    options = [line.split()[0] for line in text.splitlines()
+               if line.startswith("  --") and line.split()[0] != "--help"]
+    described = " ".join(text.split())
+    for option in ("--epochs", "--batch-size", "--lr", "--seed"):
+        assert option in options
+    # every option has help text: no option line is followed directly by another option
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("  --") and len(line.split()) <= 2 and number + 1 < len(lines):
+            assert not lines[number + 1].startswith("  -"), line
+    assert "preset default:" in described
+
+
+def test_one_wrong_argument_is_named_alone(tmp_path):
+    result = _command_line(tmp_path, "--batch-size", 0, "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "error: --batch-size must be a positive integer, got 0")
 
 
 def test_flows_example_trains_reports_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
@@ -54,30 +134,32 @@ def test_flows_example_trains_reports_and_resumes(data_dir, tmp_path, monkeypatc
     out = tmp_path / "run"
     common = ["--flow", "householder-sylvester", "--num-flows", 2, "--latent-dim", 8,
               "--num-samples", 4, "--train-images", 300, "--valid-images", 100,
-              "--test-images", 100, "--data-dir", data_dir, "--out", out, "--no-progress"]
-    metrics = run_flows_example(monkeypatch, "--epochs", 1, *common)
+              "--test-images", 100, "--surgery-points", 50, "--data-dir", data_dir,
+              "--out", out, "--no-progress"]
+    metrics = run_example(monkeypatch, "--epochs", 1, *common, name="flows_mnist")
     printed = capsys.readouterr().out
-    assert "300 training / 100 validation images" in printed
+    assert "data: statically binarized MNIST" in printed
+    assert "300 training / 100 validation / 100 test images" in printed
     assert "-ELBO" in printed and "NLL" in printed and "householder-sylvester" in printed
     for name in ("checkpoint.pt", "best.pt", "metrics.json", "samples.png",
                  "reconstructions.png"):
         assert (out / name).is_file(), name
-    saved = json.loads((out / "metrics.json").read_text())
-    test = saved["test"]
-    assert saved["test_images"] == 100 and test["num_samples"] == 4
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert test["test_images"] == 100 and test["num_samples"] == 4
     assert test["elbo"] == pytest.approx(test["reconstruction"] - test["kl"], rel=1e-6)
     assert test["elbo"] <= test["log_likelihood"] + 1.0
-    assert metrics["history"][0]["epoch"] == 1 and "valid_elbo" in metrics["history"][0]
+    assert metrics["history"][0]["epoch"] == 1 and "valid_score" in metrics["history"][0]
 
-    resumed = run_flows_example(monkeypatch, "--epochs", 2, "--resume", *common)
+    resumed = run_example(monkeypatch, "--epochs", 2, "--resume", *common, name="flows_mnist")
     printed = capsys.readouterr().out
-    assert "resumed" in printed and "epoch    2" in printed and "epoch    1 " not in printed
+    assert "resumed run" in printed and "epoch    2" in printed and "epoch    1 " not in printed
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
 
 
 def test_flows_example_names_the_missing_data(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="binarized_mnist_train.amat"):
-        run_flows_example(monkeypatch, "--data-dir", tmp_path, "--out", tmp_path / "run")
+        run_example(monkeypatch, "--data-dir", tmp_path, "--out", tmp_path / "run",
+                    name="flows_mnist")
 
 
 def test_svae_example_trains_with_iwae_and_reports_the_diagnostics(data_dir, tmp_path,
@@ -90,8 +172,6 @@ def test_svae_example_trains_with_iwae_and_reports_the_diagnostics(data_dir, tmp
     printed = capsys.readouterr().out
     assert "IWAE bound, K = 3" in printed and "train L_3" in printed and "AU" in printed
     test = metrics["test"]
-    # L_3 on the test set lies between the ELBO and the 4-sample LL estimate, up to noise
-    assert test["elbo"] - 1.0 <= test["iwae_bound"] <= test["log_likelihood"] + 1.0
     assert 0 <= test["active_units"] <= 4
     assert test["mutual_information"] <= test["log_num_data"] + 1e-9
     bits = -test["log_likelihood"] / (784 * math.log(2))
@@ -109,7 +189,7 @@ def test_vampprior_example_trains_reports_and_resumes(latent, prior, data_dir, t
               "--data-dir", data_dir, "--out", out, "--no-progress"]
     metrics = run_example(monkeypatch, "--epochs", 1, *common, name="vampprior_mnist")
     printed = capsys.readouterr().out
-    assert "1,000 training / 200 validation images" in printed and prior in printed
+    assert "1,000 training / 200 validation" in printed and prior in printed
     pictures = ["samples.png", "reconstructions.png"] + (["pseudo_inputs.png"]
                                                          if prior == "vamp" else [])
     for name in ("checkpoint.pt", "best.pt", "metrics.json", *pictures):
@@ -117,7 +197,7 @@ def test_vampprior_example_trains_reports_and_resumes(latent, prior, data_dir, t
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert test["elbo"] == pytest.approx(test["reconstruction"] - test["kl"], rel=1e-6)
     assert test["elbo"] <= test["log_likelihood"] + 1.0
-    assert metrics["history"][0]["epoch"] == 1 and "valid_elbo" in metrics["history"][0]
+    assert metrics["history"][0]["epoch"] == 1 and "valid_score" in metrics["history"][0]
     resumed = run_example(monkeypatch, "--epochs", 2, "--resume", *common,
                           name="vampprior_mnist")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]

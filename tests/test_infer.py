@@ -15,13 +15,6 @@ from pyro_dgm.infer import (
     elbo_terms,
     evaluate_dataset,
     importance_log_likelihood,
-    kl_warmup,
-    load_checkpoint,
-    resume_run,
-    resume_training_state,
-    save_checkpoint,
-    save_training_state,
-    train_epoch,
 )
 
 
@@ -242,73 +235,3 @@ def test_evaluate_dataset_averages_batches(linear_gaussian):
     estimate = importance_log_likelihood(problem.model, problem.exact_guide, x, num_samples=3)
     torch.testing.assert_close(estimate.bits_per_dim(4),
                                -problem.marginal().log_prob(x) / (4 * math.log(2)))
-
-
-def test_kl_warmup_schedule():
-    assert [kl_warmup(step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert kl_warmup(0, 0) == 1.0
-    with pytest.raises(ValueError, match="warmup_steps"):
-        kl_warmup(0, -1)
-
-
-def test_train_epoch_minimizes_and_checkpoints_round_trip(tmp_path):
-    torch.manual_seed(0)
-    target = torch.tensor([3.0, -2.0])
-    parameter = torch.zeros(2, requires_grad=True)
-    optimizer = torch.optim.SGD([parameter], lr=0.1)
-    seen = []
-
-    def loss_fn(batch, kl_scale):
-        seen.append(kl_scale)
-        return ((parameter - batch) ** 2).sum()
-
-    batches = [(target,)] * 50
-    mean_loss = train_epoch(loss_fn, optimizer, batches, warmup_steps=10, progress=False)
-    torch.testing.assert_close(parameter.detach(), target, atol=1e-3, rtol=0)
-    assert seen[0] == 0.1 and seen[-1] == 1.0 and mean_loss > 0
-    save_checkpoint(tmp_path / "run" / "checkpoint.pt", parameter=parameter.detach(), epoch=3)
-    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["epoch"] == 3 and torch.equal(state["parameter"], parameter.detach())
-    assert not list((tmp_path / "run").glob("*.tmp"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        load_checkpoint(tmp_path / "missing.pt")
-
-
-def test_training_state_round_trip(tmp_path):
-    """Weights, optimizer moments and the random stream continue exactly after a resume."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    path = tmp_path / "checkpoint.pt"
-    assert resume_training_state(path, model, optimizer) is None
-    save_training_state(path, model, optimizer, epoch=4, history=[{"epoch": 5}], best=1.5)
-    expected_draw = torch.rand(3)
-
-    torch.manual_seed(123)
-    fresh = torch.nn.Linear(3, 2)
-    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.1)
-    state = resume_training_state(path, fresh, fresh_optimizer)
-    assert state["epoch"] == 4 and state["history"] == [{"epoch": 5}] and state["best"] == 1.5
-    for name, parameter in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[name], parameter)
-    moments = [s["exp_avg_sq"] for s in optimizer.state_dict()["state"].values()]
-    restored = [s["exp_avg_sq"] for s in fresh_optimizer.state_dict()["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))
-    assert torch.equal(torch.rand(3), expected_draw)
-
-
-def test_resume_run_starts_fresh_or_continues(tmp_path, capsys):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    path = tmp_path / "checkpoint.pt"
-    fresh = {"history": [], "first_epoch": 0, "best": -1.0}
-    assert resume_run(False, path, model, optimizer, best=-1.0) == fresh
-    assert resume_run(True, path, model, optimizer, best=-1.0) == fresh
-    assert "starting afresh" in capsys.readouterr().out
-    save_training_state(path, model, optimizer, epoch=4, history=[{"epoch": 5}], best=1.5)
-    assert resume_run(False, path, model, optimizer, best=-1.0) == fresh
-    state = resume_run(True, path, model, optimizer, best=-1.0)
-    assert state == {"history": [{"epoch": 5}], "first_epoch": 5, "best": 1.5}
-    assert "after epoch 5" in capsys.readouterr().out

@@ -9,7 +9,8 @@ import torch
 
 from pyro_dgm.data import MinibatchLoader, binarize_fixed, load_mnist
 from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
-from pyro_dgm.infer import TraceAnalyticKL_ELBO, elbo_terms, train_epoch
+from pyro_dgm.experiments import train_epoch
+from pyro_dgm.infer import TraceAnalyticKL_ELBO, elbo_terms
 from pyro_dgm.models import VAE
 
 
@@ -105,19 +106,21 @@ def test_one_epoch_on_real_mnist_improves_the_elbo(latent, data_dir):
     assert after > before + 60
 
 
-def test_save_samples_and_reconstructions(tmp_path):
+def test_pictures_are_labelled_and_drawn_from_a_spread_of_few_images(tmp_path):
     from PIL import Image
 
-    from pyro_dgm.plotting import save_samples_and_reconstructions
+    from pyro_dgm.experiments.plotting import save_reconstructions, save_samples, spread
 
     vae = VAE("vmf", latent_dim=2, input_dim=16, hidden_dims=(8,))
-    images = torch.bernoulli(torch.full((40, 16), 0.5))
-    paths = save_samples_and_reconstructions(vae, images, tmp_path, image_shape=(1, 4, 4))
-    assert [p.name for p in paths] == ["samples.png", "reconstructions.png"]
-    width, height = Image.open(paths[1]).size
-    assert (width, height) == (8 * 4 + 9 * 2, 8 * 4 + 9 * 2)  # 8 x 8 tiles with 2-pixel padding
-    with pytest.raises(ValueError, match="at least 32"):
-        save_samples_and_reconstructions(vae, images[:10], tmp_path, image_shape=(1, 4, 4))
+    images = torch.bernoulli(torch.full((10, 16), 0.5))  # fewer than the 32 a grid shows
+    samples = save_samples(vae, images, tmp_path / "samples.png", "samples",
+                           image_shape=(1, 4, 4))
+    pairs = save_reconstructions(vae, images, tmp_path / "reconstructions.png", "pairs",
+                                 image_shape=(1, 4, 4))
+    assert Image.open(samples).size[0] > 0 and Image.open(pairs).size[1] > 0
+    # sorted data (statically binarized MNIST's test file): the spread reaches the last image
+    assert spread(32, 10_000).tolist()[:2] == [0, 323] and spread(32, 10_000)[-1] == 9_999
+    assert spread(32, 10).tolist() == list(range(10))
 
 
 PRIORS = [("normal", "standard"), ("normal", "vamp"), ("normal", "flow"), ("normal", "mog"),

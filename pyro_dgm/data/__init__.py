@@ -9,7 +9,6 @@ __all__ = [
     "MinibatchLoader",
     "binarize",
     "binarize_fixed",
-    "build_mnist_subset",
     "load_binarized_mnist",
     "load_embedded_mnist_subset",
     "load_embedded_mnist_subset_indices",
@@ -25,7 +24,6 @@ from .idx import read_idx, write_idx
 from .minibatch import MinibatchLoader
 from .mnist import MNISTSplits, load_mnist, load_mnist_or_fallback
 from .subset import (
-    build_mnist_subset,
     load_embedded_mnist_subset,
     load_embedded_mnist_subset_indices,
 )

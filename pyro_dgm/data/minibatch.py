@@ -42,8 +42,16 @@ class MinibatchLoader:
     :param generator: generator on the data's device for both the order and the Bernoulli
         draws; a seeded one makes the whole sequence of epochs reproducible. ``None`` uses
         torch's global generator.
-    :raises ValueError: for a non-positive ``batch_size``, an empty data set or a generator on
-        another device type than the data.
+    :param rank: this process's rank in data-parallel training: every global batch of
+        ``batch_size * num_replicas`` examples is cut into ``num_replicas`` shards of
+        ``batch_size``, and this loader yields shard ``rank``. The binarization noise is drawn for
+        the whole global batch and sliced, so every rank must pass a ``generator`` seeded alike;
+        then the shards together are exactly the batches of a single loader with the global
+        batch size. A global batch that cannot be cut evenly is dropped.
+    :param num_replicas: number of ranks (1: no sharding).
+    :raises ValueError: for a non-positive ``batch_size``, an empty data set, a generator on
+        another device type than the data, a ``rank`` outside ``[0, num_replicas)``, or
+        sharding without a ``generator``.
     """
 
     def __init__(
@@ -58,7 +66,15 @@ class MinibatchLoader:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        rank: int = 0,
+        num_replicas: int = 1,
     ) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must lie in [0, num_replicas), got rank={rank}, "
+                             f"num_replicas={num_replicas}")
+        if num_replicas > 1 and generator is None:
+            raise ValueError("sharding (num_replicas > 1) needs a generator seeded alike on "
+                             "every rank, got generator=None")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if images.dim() < 1 or images.shape[0] == 0:
@@ -79,6 +95,7 @@ class MinibatchLoader:
         self.return_indices = return_indices
         self.dtype = dtype
         self.generator = generator
+        self.rank, self.num_replicas = rank, num_replicas
 
     @property
     def num_examples(self) -> int:
@@ -87,9 +104,10 @@ class MinibatchLoader:
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
-        if self.drop_last:
-            return self.num_examples // self.batch_size
-        return -(-self.num_examples // self.batch_size)
+        size = self.batch_size * self.num_replicas
+        if self.drop_last or self.num_replicas > 1:
+            return self.num_examples // size
+        return -(-self.num_examples // size)
 
     def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         """One epoch: ``len(self)`` batches of shape ``(batch_size, D)`` (the last one possibly
@@ -99,16 +117,18 @@ class MinibatchLoader:
             order = torch.randperm(n, device=device, generator=self.generator)
         else:
             order = torch.arange(n, device=device)
-        batches = order.split(self.batch_size)
-        if self.drop_last and n % self.batch_size:
-            batches = batches[:-1]
+        size = self.batch_size * self.num_replicas
+        batches = order.split(size)[: len(self)]
+        shard = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for indices in batches:
-            batch = self._prepare(self.data.index_select(0, indices))
+            batch = self._prepare(self.data.index_select(0, indices), shard)
+            indices = indices[shard]
             yield (batch, indices) if self.return_indices else batch
 
-    def _prepare(self, batch: Tensor) -> Tensor:
-        if self.binarize:
-            return _binarize(batch, self.generator, self.dtype)
+    def _prepare(self, batch: Tensor, shard: slice) -> Tensor:
+        if self.binarize:  # noise for the global batch, then this rank's rows
+            return _binarize(batch, self.generator, self.dtype)[shard]
+        batch = batch[shard]
         if batch.dtype == torch.uint8:
             return batch.to(self.dtype).div_(255)
         return batch.to(self.dtype)
@@ -117,5 +137,7 @@ class MinibatchLoader:
         return (
             f"{type(self).__name__}(num_examples={self.num_examples}, "
             f"dim={self.data.shape[1]}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-            f"drop_last={self.drop_last}, binarize={self.binarize}, device={self.data.device})"
+            f"drop_last={self.drop_last}, binarize={self.binarize}, device={self.data.device}"
+            + (f", rank={self.rank}, num_replicas={self.num_replicas})" if self.num_replicas > 1
+               else ")")
         )

@@ -81,6 +81,7 @@ def load_mnist(
 def load_mnist_or_fallback(
     data_dir: str | os.PathLike[str],
     download: bool = True,
+    fallback: bool = True,
 ) -> MNISTSplits:
     """Load MNIST from wherever it can be had, saying which data were used.
 
@@ -92,9 +93,13 @@ def load_mnist_or_fallback(
 
     :param data_dir: root folder in torchvision's layout.
     :param download: whether to try downloading when the files are missing.
+    :param fallback: use the embedded subset when the files are missing and cannot be
+        downloaded; ``False`` raises instead (for a folder the user named).
     :returns: :class:`MNISTSplits`, whose ``source`` reads e.g. ``"MNIST from ../shared/data
         (60,000 train / 10,000 test)"`` or ``"embedded MNIST subset (10,000 train / 2,000
         test) — torchvision download failed: <reason>"``.
+    :raises FileNotFoundError: without ``fallback``, naming the folder and why the download
+        failed.
     """
     try:
         return _splits(data_dir, download=False, origin=f"MNIST from {data_dir}")
@@ -109,6 +114,8 @@ def load_mnist_or_fallback(
             )
         except Exception as error:  # offline, mirror down, disk full...: all mean the subset
             reason = f"torchvision download failed: {type(error).__name__}: {_one_line(error)}"
+    if not fallback:
+        raise FileNotFoundError(f"no MNIST in {Path(data_dir) / 'MNIST' / 'raw'} ({reason})")
     return _describe(*load_embedded_mnist_subset(), origin="embedded MNIST subset", note=reason)
 
 

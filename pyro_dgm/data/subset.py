@@ -3,32 +3,30 @@
 The package holds 10,000 training and 2,000 test images of MNIST with their labels, a uniformly
 random subset (fixed seed) of each split, kept in MNIST's own order, as gzip-compressed IDX files
 in ``pyro_dgm/data/mnist_subset/``. Alongside are the positions of the chosen images in the full
-splits, so the subset can be checked against, or mapped back to, the original. Rebuild with::
+splits, so the subset can be checked against, or mapped back to, the original. It is rebuilt by
+a tool outside the package::
 
-    python -m pyro_dgm.data.subset --data-dir ../shared/data
+    python tools/build_mnist_subset.py --data-dir ../shared/data
 """
 
 __all__ = [
-    "build_mnist_subset",
     "load_embedded_mnist_subset",
     "load_embedded_mnist_subset_indices",
 ]
 
-import argparse
 import gzip
 import importlib.resources
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .idx import read_idx, write_idx
+from .idx import read_idx
 
 _FOLDER = "mnist_subset"
 _SPLITS = (("train", True), ("t10k", False))  # MNIST's file prefixes
-_REBUILD = "python -m pyro_dgm.data.subset --data-dir <folder containing MNIST/raw>"
+_REBUILD = "python tools/build_mnist_subset.py --data-dir <folder containing MNIST/raw>"
 
 
 def load_embedded_mnist_subset(
@@ -36,7 +34,7 @@ def load_embedded_mnist_subset(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Load the MNIST subset shipped with the package.
 
-    :param directory: a folder written by :func:`build_mnist_subset`; ``None`` (default) reads
+    :param directory: a folder written by ``tools/build_mnist_subset.py``; ``None`` (default) reads
         the subset inside the installed package.
     :returns: ``(train_images, train_labels, test_images, test_labels)``: images ``uint8`` of
         shape ``(n, 28, 28)`` with intensities in [0, 255], labels ``int64`` of shape ``(n,)``
@@ -76,56 +74,6 @@ def load_embedded_mnist_subset_indices(
     return train, test
 
 
-def build_mnist_subset(
-    data_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    num_train: int = 10_000,
-    num_test: int = 2_000,
-    seed: int = 0,
-) -> list[Path]:
-    """Write a random subset of MNIST as gzip-compressed IDX files.
-
-    For each split (``train``, ``t10k``) three files: ``{split}-images-idx3-ubyte.gz``,
-    ``{split}-labels-idx1-ubyte.gz`` and ``{split}-indices-idx1-int.gz`` (the positions in the
-    full split, int32). The images are a uniformly random subset drawn with a CPU generator
-    seeded with ``seed``, so the classes keep their natural, near-uniform proportions; they are
-    stored in MNIST's order. The gzip streams carry no time stamp, so the bytes depend only on
-    the arguments (and zlib).
-
-    :param data_dir: folder containing ``MNIST/raw`` (see :func:`~pyro_dgm.data.load_mnist`).
-    :param out_dir: folder to write into, created if missing.
-    :param num_train: number of training images, at most 60,000.
-    :param num_test: number of test images, at most 10,000.
-    :param seed: seed of the random subset.
-    :returns: the paths written.
-    :raises FileNotFoundError: if MNIST is not in ``data_dir``.
-    :raises ValueError: for a count that is not in 1..size of the split.
-    """
-    # Imported here: mnist.py imports this module for its fallback.
-    from .mnist import load_mnist
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    written = []
-    for (prefix, train), count in zip(_SPLITS, (num_train, num_test), strict=True):
-        images, labels = load_mnist(data_dir, train=train)
-        if not 0 < count <= len(images):
-            raise ValueError(f"{prefix}: cannot take {count} of {len(images)} images")
-        # Sorted, so that the subset keeps MNIST's order.
-        indices = torch.randperm(len(images), generator=generator)[:count].sort().values
-        contents = {
-            "images-idx3-ubyte": images[indices],
-            "labels-idx1-ubyte": labels[indices].to(torch.uint8),
-            "indices-idx1-int": indices.to(torch.int32),
-        }
-        for suffix, tensor in contents.items():
-            path = out / f"{prefix}-{suffix}.gz"
-            path.write_bytes(gzip.compress(write_idx(tensor), compresslevel=9, mtime=0))
-            written.append(path)
-    return written
-
-
 def _read(directory: str | os.PathLike[str] | None, name: str) -> Tensor:
     if directory is None:
         source = importlib.resources.files(__package__) / _FOLDER / name
@@ -138,31 +86,3 @@ def _read(directory: str | os.PathLike[str] | None, name: str) -> Tensor:
             f"MNIST subset file {source} is missing; rebuild with: {_REBUILD}"
         ) from error
     return read_idx(gzip.decompress(compressed))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: rebuild the package's subset (or write one elsewhere)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_dgm.data.subset", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--data-dir", required=True, help="folder containing MNIST/raw")
-    parser.add_argument(
-        "--out-dir",
-        default=Path(__file__).with_name(_FOLDER),
-        type=Path,
-        help="where to write (default: the package's %(default)s)",
-    )
-    parser.add_argument("--num-train", type=int, default=10_000)
-    parser.add_argument("--num-test", type=int, default=2_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = build_mnist_subset(
-        args.data_dir, args.out_dir, args.num_train, args.num_test, args.seed
-    )
-    for path in paths:
-        print(f"{path.stat().st_size:>12,d}  {path}")
-    print(f"{sum(path.stat().st_size for path in paths):>12,d}  bytes in total")
-
-
-if __name__ == "__main__":
-    main()

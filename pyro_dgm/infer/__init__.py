@@ -1,4 +1,4 @@
-"""Objectives, evaluation and training helpers for Pyro model/guide pairs."""
+"""Objectives, evaluation and diagnostics for Pyro model/guide pairs."""
 
 from pyro_dgm.infer.diagnostics import (
     ActiveUnits,
@@ -18,19 +18,7 @@ from pyro_dgm.infer.evaluation import (
     importance_log_likelihood,
 )
 from pyro_dgm.infer.iwae import ImportanceWeightedELBO, RenyiELBO
-from pyro_dgm.infer.training import (
-    OBJECTIVES,
-    kl_warmup,
-    load_checkpoint,
-    make_objective,
-    resume_run,
-    resume_training_state,
-    run_until_interrupted,
-    save_checkpoint,
-    save_training_state,
-    start_run,
-    train_epoch,
-)
+from pyro_dgm.infer.objectives import OBJECTIVES, make_objective
 
 __all__ = [
     "OBJECTIVES",
@@ -49,14 +37,5 @@ __all__ = [
     "elbo_terms",
     "evaluate_dataset",
     "importance_log_likelihood",
-    "kl_warmup",
-    "load_checkpoint",
     "make_objective",
-    "resume_run",
-    "resume_training_state",
-    "save_checkpoint",
-    "save_training_state",
-    "start_run",
-    "run_until_interrupted",
-    "train_epoch",
 ]
