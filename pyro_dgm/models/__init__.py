@@ -1,7 +1,25 @@
-"""The model zoo: deep generative models as Pyro ``PyroModule`` model/guide pairs, and the
-learnable priors they can use."""
+"""The model zoo: deep generative models as Pyro ``PyroModule`` model/guide pairs, the learnable
+priors they can use, flow density models of images, and the networks they are built from
+(gated MLPs, PixelCNN decoders)."""
 
+from pyro_dgm.models.image_flow import ImageFlow, glow, real_nvp
+from pyro_dgm.models.networks import GatedConv2d, GatedDense, GatedMLP
+from pyro_dgm.models.pixelcnn import GatedMaskedConv2d, MaskedConv2d, PixelCNNDecoder
 from pyro_dgm.models.priors import FlowPrior, MixtureOfGaussiansPrior, VampPriorModule
 from pyro_dgm.models.vae import VAE
 
-__all__ = ["VAE", "FlowPrior", "MixtureOfGaussiansPrior", "VampPriorModule"]
+__all__ = [
+    "VAE",
+    "FlowPrior",
+    "GatedConv2d",
+    "GatedDense",
+    "GatedMLP",
+    "GatedMaskedConv2d",
+    "ImageFlow",
+    "MaskedConv2d",
+    "MixtureOfGaussiansPrior",
+    "PixelCNNDecoder",
+    "VampPriorModule",
+    "glow",
+    "real_nvp",
+]

@@ -17,6 +17,13 @@ transform. The Sylvester flows are named after the paper (van den Berg et al. 20
 each module is a stack of ``num_flows`` flows. Pyro's own
 :class:`~pyro.distributions.transforms.Sylvester` is a different transform, under another
 name.
+
+Image flows act on tensors of shape ``(..., C, H, W)`` (``event_dim = 3``), written from data to
+latent as in the papers: :class:`ActNorm`, :class:`InvertibleConv1x1` (Glow, Kingma & Dhariwal
+2018), :class:`MaskedAffineCoupling2d` with checkerboard and channel-wise masks,
+:class:`Squeeze2d` and :class:`FactorOut` (Real NVP, Dinh et al. 2017), and
+:class:`LogitPreprocessing`. Pyro's vector :class:`~pyro.distributions.transforms.AffineCoupling`
+keeps its name and meaning.
 """
 
 from .householder import (
@@ -27,6 +34,11 @@ from .householder import (
     conditional_householder,
     householder,
 )
+from .image_actnorm import ActNorm, act_norm
+from .image_conv1x1 import InvertibleConv1x1, invertible_conv1x1
+from .image_coupling import MaskedAffineCoupling2d, masked_affine_coupling2d
+from .image_logit import LogitPreprocessing, logit_preprocessing
+from .image_multiscale import FactorOut, Squeeze2d
 from .sylvester import (
     ConditionalHouseholderSylvester,
     ConditionalOrthogonalSylvester,
@@ -46,6 +58,16 @@ from .sylvester import (
 )
 
 __all__ = [
+    "ActNorm",
+    "FactorOut",
+    "InvertibleConv1x1",
+    "LogitPreprocessing",
+    "MaskedAffineCoupling2d",
+    "Squeeze2d",
+    "act_norm",
+    "invertible_conv1x1",
+    "logit_preprocessing",
+    "masked_affine_coupling2d",
     "ConditionalHouseholder",
     "ConditionalHouseholderSylvester",
     "ConditionalOrthogonalSylvester",
