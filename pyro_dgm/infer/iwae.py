@@ -81,8 +81,12 @@ class RenyiELBO(ELBO):
       :math:`k`, so the estimate stays unbiased (no baseline when :math:`K = 1`). Pyro's
       ``RenyiELBO`` raises ``NotImplementedError`` on such sites.
     * ``"stl"``: sticking the landing (Roeder, Wu & Duvenaud 2017): the score term
-      :math:`\\partial \\log q_\\phi(z) / \\partial \\phi` at fixed :math:`z` is dropped, which
-      leaves the estimate unbiased and removes its variance at the exact posterior.
+      :math:`\\sum_k \\tilde w_k \\partial \\log q_\\phi(z_k) / \\partial \\phi` at fixed
+      :math:`z_k` is dropped, which removes the guide gradient's variance at the exact
+      posterior. It is unbiased for :math:`K = 1` only, where the dropped term has expectation
+      zero; for :math:`K > 1` the normalized weights make its expectation non-zero and the
+      estimate is biased (Tucker et al. 2019, section 3; ``tests/test_iwae.py`` measures the
+      bias at :math:`K = 20`). ``"dreg"`` is the unbiased estimator with the same property.
     * ``"dreg"``: doubly reparameterized gradients (Tucker, Lawson, Gu & Maddison 2019): the
       guide's parameters get :math:`\\sum_k \\tilde w_k^2 \\,\\partial \\log w_k / \\partial
       z_k \\cdot \\partial z_k / \\partial \\phi` (:math:`\\tilde w` the normalized weights, the
