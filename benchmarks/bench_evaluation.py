@@ -35,7 +35,7 @@ from _timing import command_line, random_binary_batches, run_benchmark, synchron
 
 from pyro_dgm.infer import evaluate_dataset
 from pyro_dgm.infer.evaluation import _default_memory_budget, _plan_chunks, _probe
-from pyro_dgm.models import VAE
+from pyro_dgm.models import VAE, VonMisesFisherLatent
 
 LATENT_DIM = 10
 NUM_SAMPLES = 5000
@@ -58,7 +58,7 @@ def decoder_passes(vae: VAE, images: torch.Tensor, shape: tuple[int, int],
     latent samples for each image of a block, in chunks of ``shape``."""
     batch_size, chunk_size = shape
     z = torch.randn(chunk_size, batch_size, vae.event_dim, device=images.device)
-    if vae.latent == "vmf":
+    if isinstance(vae.latent, VonMisesFisherLatent):
         z = torch.nn.functional.normalize(z, dim=-1)
 
     @torch.no_grad()

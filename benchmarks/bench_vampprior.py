@@ -38,7 +38,7 @@ from _timing import (
 )
 
 from pyro_dgm.infer import TraceAnalyticKL_ELBO
-from pyro_dgm.models import VAE
+from pyro_dgm.models import VAE, VonMisesFisherLatent
 
 BATCH_SIZE = 100
 NUM_PSEUDO_INPUTS = 500
@@ -57,7 +57,8 @@ def encoder_pass(vae: VAE) -> Callable[[int], None]:
     def step(index: int) -> None:
         vae.zero_grad(set_to_none=True)
         q = vae.posterior(vae.prior_module.pseudo_inputs)
-        parameters = (q.loc, q.concentration) if vae.latent == "vmf" else (
+        parameters = (q.loc, q.concentration) if isinstance(
+            vae.latent, VonMisesFisherLatent) else (
             q.base_dist.loc, q.base_dist.scale)
         sum(p.sum() for p in parameters).backward()
 

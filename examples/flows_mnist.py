@@ -52,20 +52,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--num-flows", type=int, default=16,
                         help="flows in the stack (reflections for householder)")
     parser.add_argument("--latent-dim", type=int, default=64, help="latent dimension")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="elbo",
-                        help="the ELBO or the IWAE bound")
-    parser.add_argument("--num-particles", type=int, default=None,
-                        help="K of the objective (1 for the ELBO, 5 for IWAE when not given)")
+    parser.add_objective_arguments(OBJECTIVES)
     parser.add_argument("--batch-size", type=int, default=100, help="images per step")
     parser.add_preset_argument("--optimizer", choices=list(OPTIMIZERS), help="the optimizer")
-    parser.add_preset_argument("--lr", type=float, help="learning rate")
-    parser.add_preset_argument("--epochs", type=int, help="the largest number of epochs")
-    parser.add_preset_argument("--warmup-epochs", type=float, help="KL warm-up, once per "
-                               "epoch: beta = min((epoch + 1) / this, 1)")
-    parser.add_preset_argument("--patience", type=int, help="early stopping: epochs after the "
-                               "warm-up without a better validation ELBO")
-    parser.add_preset_argument("--num-samples", type=int,
-                               help="importance samples per test image for the NLL")
+    parser.add_schedule_arguments()
     parser.add_argument("--surgery-points", type=int, default=1000,
                         help="test images in the ELBO surgery (MI); 0 skips it")
     parser.add_argument("--train-images", type=int, help="use the first N training images")
@@ -73,14 +63,6 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--test-images", type=int, help="a fixed random N test images")
     parser.add_run_arguments(out="runs/flows_mnist")
     args = parser.parse_args(argv)
-    args.num_particles = args.num_particles or (5 if args.objective == "iwae" else 1)
-    for name in ("latent_dim", "num_flows", "num_particles", "batch_size", "num_samples",
-                 "patience"):
-        value = getattr(args, name)
-        parser.require(value >= 1, f"--{name.replace('_', '-')}", "a positive integer", value)
-    for name in ("epochs", "warmup_epochs", "surgery_points"):
-        value = getattr(args, name)
-        parser.require(value >= 0, f"--{name.replace('_', '-')}", "non-negative", value)
     return args
 
 

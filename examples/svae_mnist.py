@@ -21,7 +21,7 @@ import torch
 
 from pyro_dgm.experiments import (
     Distributed, ExampleParser, dynamic_mnist, evaluate_vae, fit, format_table,
-    run_until_interrupted, save_results, seed_everything,
+    latent_probe, run_until_interrupted, save_results, seed_everything,
 )
 from pyro_dgm.experiments.plotting import save_latent_scatter, save_reconstructions, save_samples
 from pyro_dgm.infer import OBJECTIVES, dataset_elbo, make_objective
@@ -45,42 +45,13 @@ def parse_args(argv: list[str] | None = None):
                         help="vmf: S-VAE (uniform prior on the sphere); normal: N-VAE")
     parser.add_argument("--latent-dim", type=int, default=10,
                         help="manifold dimension d (the S-VAE's z lies on S^d in R^{d+1})")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="elbo",
-                        help="the ELBO (closed-form KL) or the IWAE bound")
-    parser.add_argument("--num-particles", type=int, default=None,
-                        help="samples per data point in the objective, K (1 for the ELBO and "
-                             "5 for IWAE when not given)")
+    parser.add_objective_arguments(OBJECTIVES)
     parser.add_argument("--gradient", choices=["reparam", "stl", "dreg"], default="reparam",
                         help="IWAE gradient estimator (stl/dreg: --latent normal only)")
-    parser.add_preset_argument("--epochs", type=int, help="the largest number of epochs")
-    parser.add_preset_argument("--batch-size", type=int, help="images per step (per process "
-                                                              "under torchrun)")
-    parser.add_preset_argument("--lr", type=float, help="Adam's learning rate")
-    parser.add_preset_argument("--warmup-epochs", type=float,
-                               help="linear KL warm-up: beta rises at every step to 1 at the "
-                                    "end of this epoch")
-    parser.add_preset_argument("--patience", type=int, help="early stopping: epochs after the "
-                               "warm-up without a better validation ELBO")
-    parser.add_preset_argument("--valid-images", type=int,
-                               help="training images held out for validation")
-    parser.add_preset_argument("--num-samples", type=int,
-                               help="importance samples per test image for the LL")
-    parser.add_argument("--surgery-points", type=int, default=1000,
-                        help="test images in the ELBO surgery (MI, KL(q||p))")
-    parser.add_argument("--train-images", type=int, help="use the first N training images")
-    parser.add_argument("--test-images", type=int, help="evaluate on the first N test images")
+    parser.add_schedule_arguments()
+    parser.add_subset_arguments()
     parser.add_run_arguments(out="runs/svae_mnist")
     args = parser.parse_args(argv)
-    args.num_particles = args.num_particles or (5 if args.objective == "iwae" else 1)
-    for name in ("latent_dim", "num_particles", "batch_size", "num_samples", "surgery_points"):
-        value = getattr(args, name)
-        parser.require(value >= 1, f"--{name.replace('_', '-')}", "a positive integer", value)
-    for name in ("epochs", "warmup_epochs", "valid_images"):
-        value = getattr(args, name)
-        parser.require(value >= 0, f"--{name.replace('_', '-')}", "non-negative", value)
-    parser.require(args.patience is None or args.valid_images > 0, "--patience",
-                   "unset without --valid-images (early stopping needs a validation split)",
-                   args.patience)
     parser.require(args.gradient == "reparam" or (args.objective, args.latent) == ("iwae",
                    "normal"), "--gradient", "reparam unless --objective iwae --latent normal",
                    args.gradient)
@@ -109,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         vae, functools.partial(objective.differentiable_loss, vae.model, vae.guide),
         torch.optim.Adam(vae.parameters(), lr=args.lr), data.train, args.out, epochs=args.epochs,
         warmup_epochs=args.warmup_epochs, patience=args.patience, resume=args.resume,
-        validate=validate,
+        validate=validate, epoch_metrics=latent_probe(vae, valid, seed=args.seed),
         objective_name="ELBO" if args.objective == "elbo" else f"L_{args.num_particles}",
         loss_scale=data.train.num_examples, config=vars(args), progress=not args.no_progress,
         distributed=distributed, num_data=data.train.num_examples)

@@ -21,8 +21,8 @@ import functools
 import torch
 
 from pyro_dgm.experiments import (
-    WARMUP_UNITS, Distributed, ExampleParser, dynamic_mnist, evaluate_vae, fit, format_table,
-    run_until_interrupted, save_results, seed_everything,
+    Distributed, ExampleParser, dynamic_mnist, evaluate_vae, fit, format_table,
+    latent_probe, run_until_interrupted, save_results, seed_everything,
 )
 from pyro_dgm.experiments.plotting import save_image_grid, save_reconstructions, save_samples
 from pyro_dgm.infer import OBJECTIVES, dataset_elbo, make_objective
@@ -52,40 +52,11 @@ def parse_args(argv: list[str] | None = None):
                         help="the VampPrior's K pseudo-inputs")
     parser.add_argument("--pseudo-init", choices=["normal", "data"], default="normal",
                         help="pseudo-inputs drawn from N(0.05, 0.01) or random training images")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="elbo",
-                        help="the ELBO or the IWAE bound")
-    parser.add_argument("--num-particles", type=int, default=None,
-                        help="K of the objective (1 for the ELBO, 5 for IWAE when not given)")
-    parser.add_preset_argument("--epochs", type=int, help="the largest number of epochs")
-    parser.add_preset_argument("--batch-size", type=int, help="images per step")
-    parser.add_preset_argument("--lr", type=float, help="Adam's learning rate")
-    parser.add_preset_argument("--warmup-epochs", type=float,
-                               help="linear KL warm-up: beta reaches 1 at the end of this epoch")
-    parser.add_preset_argument("--warmup-unit", choices=WARMUP_UNITS,
-                               help="beta rises at every step, or once per epoch (the authors' "
-                                    "code: beta = epoch / warm-up)")
-    parser.add_preset_argument("--patience", type=int, help="early stopping: epochs after the "
-                               "warm-up without a better validation ELBO")
-    parser.add_preset_argument("--valid-images", type=int,
-                               help="training images held out for validation")
-    parser.add_preset_argument("--num-samples", type=int,
-                               help="importance samples per test image for the LL")
-    parser.add_argument("--surgery-points", type=int, default=1000,
-                        help="test images in the ELBO surgery (MI, KL(q||p))")
-    parser.add_argument("--train-images", type=int, help="use the first N training images")
-    parser.add_argument("--test-images", type=int, help="evaluate on the first N test images")
+    parser.add_objective_arguments(OBJECTIVES)
+    parser.add_schedule_arguments()
+    parser.add_subset_arguments()
     parser.add_run_arguments(out="runs/vampprior_mnist")
     args = parser.parse_args(argv)
-    args.num_particles = args.num_particles or (5 if args.objective == "iwae" else 1)
-    for name in ("latent_dim", "num_pseudo_inputs", "num_particles", "batch_size",
-                 "num_samples", "surgery_points"):
-        value = getattr(args, name)
-        parser.require(value >= 1, f"--{name.replace('_', '-')}", "a positive integer", value)
-    for name in ("epochs", "warmup_epochs", "valid_images"):
-        value = getattr(args, name)
-        parser.require(value >= 0, f"--{name.replace('_', '-')}", "non-negative", value)
-    parser.require(args.patience is None or args.valid_images > 0, "--patience",
-                   "unset without --valid-images", args.patience)
     allowed = ("vamp", "uniform") if args.latent == "vmf" else ("vamp", "standard", "flow", "mog")
     parser.require(args.prior in allowed, "--prior", f"one of {allowed} with --latent "
                    f"{args.latent}", args.prior)
@@ -117,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_unit=args.warmup_unit,
         patience=args.patience,
         validate=None if valid is None else (lambda: dataset_elbo(vae.model, vae.guide, valid)),
-        resume=args.resume, loss_scale=data.train.num_examples, config=vars(args),
+        epoch_metrics=latent_probe(vae, valid, seed=args.seed), resume=args.resume,
+        loss_scale=data.train.num_examples, config=vars(args),
         progress=not args.no_progress, distributed=distributed,
         num_data=data.train.num_examples)
     if not distributed.is_main:

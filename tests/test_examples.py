@@ -125,7 +125,7 @@ def test_one_wrong_argument_is_named_alone(tmp_path):
     result = _command_line(tmp_path, "--batch-size", 0, "--out", tmp_path / "run")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(
-        "error: --batch-size must be a positive integer, got 0")
+        "error: --batch-size must be a positive number, got 0")
 
 
 def test_flows_example_trains_reports_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
@@ -198,6 +198,9 @@ def test_vampprior_example_trains_reports_and_resumes(latent, prior, data_dir, t
     assert test["elbo"] == pytest.approx(test["reconstruction"] - test["kl"], rel=1e-6)
     assert test["elbo"] <= test["log_likelihood"] + 1.0
     assert metrics["history"][0]["epoch"] == 1 and "valid_score" in metrics["history"][0]
+    latents = metrics["history"][0]["latents"]  # per epoch: KL per unit, AU, MI
+    assert len(latents["kl_per_unit"]["z"]) == (4 if prior == "standard" else 1)
+    assert 0 <= latents["active_units"] <= 5 and "mutual_information" in latents
     resumed = run_example(monkeypatch, "--epochs", 2, "--resume", *common,
                           name="vampprior_mnist")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]

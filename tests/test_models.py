@@ -200,5 +200,7 @@ def test_every_prior_and_objective_runs_on_cuda(latent, prior):
     estimate = importance_log_likelihood(vae.model, vae.guide, x, num_samples=10)
     assert estimate.log_likelihood.device.type == "cuda"
     assert torch.isfinite(estimate.log_likelihood).all()
-    diagnostics = vae.latent_diagnostics(x, num_points=5)
+    from pyro_dgm.infer import latent_diagnostics
+
+    diagnostics = latent_diagnostics(vae.posterior, vae.prior(None, x), x, num_points=5)
     assert diagnostics["mutual_information"] <= diagnostics["log_num_data"] + 1e-9

@@ -36,10 +36,11 @@ def test_code_blocks_are_found():
     readme = code_blocks(ROOT / "README.md")
     assert any("SVI(" in block for block in readme)
     sample = Path(__file__).with_name("_tmp_page.rst")
-    sample.write_text("Title\n=====\n\n.. code-block:: python\n\n    x = 1\n    y = x + 1\n\n"
-                      "Text.\n\n.. testcode::\n\n    z = 3\n")
+    sample.write_text("T\n=\n\n.. code-block:: python\n   :caption: c\n\n    a = 1\n\n    b = a\n"
+                      "\nText.\n\n.. code-block:: text\n\n    not python\n\n"
+                      "* item\n\n  .. testcode::\n\n      c = 2\n")
     try:
-        assert code_blocks(sample) == ["x = 1\ny = x + 1\n", "z = 3\n"]
+        assert code_blocks(sample) == ["a = 1\n\nb = a\n", "c = 2\n"]
     finally:
         sample.unlink()
 

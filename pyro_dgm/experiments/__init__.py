@@ -19,7 +19,7 @@ from .fit import (
     write_metrics,
 )
 from .mnist import ImageData, dynamic_mnist, static_mnist
-from .report import evaluate_vae, format_table, save_results
+from .report import evaluate_vae, format_table, latent_probe, latent_report, save_results
 
 __all__ = [
     "WARMUP_UNITS",
@@ -34,6 +34,8 @@ __all__ = [
     "fit",
     "format_table",
     "kl_warmup",
+    "latent_probe",
+    "latent_report",
     "load_checkpoint",
     "run_until_interrupted",
     "save_checkpoint",

@@ -59,6 +59,47 @@ class ExampleParser(argparse.ArgumentParser):
         action.help = f"{help} (preset {values})"
         return action
 
+    def add_objective_arguments(self, objectives: tuple[str, ...]) -> None:
+        """``--objective`` and ``--num-particles`` (K: 1 for the ELBO and 5 for IWAE when not
+        given, filled in by :meth:`parse_args`)."""
+        self.add_argument("--objective", choices=objectives, default=objectives[0],
+                          help="the ELBO (closed-form KL where there is one) or the IWAE bound")
+        self.add_argument("--num-particles", type=int, default=None,
+                          help="samples per data point in the objective, K (1 for the ELBO "
+                               "and 5 for IWAE when not given)")
+
+    def add_schedule_arguments(self) -> None:
+        """The options a preset sets, for those of ``--epochs``, ``--batch-size``, ``--lr``,
+        ``--warmup-epochs``, ``--warmup-unit``, ``--patience``, ``--valid-images`` and
+        ``--num-samples`` that the presets name."""
+        from .fit import WARMUP_UNITS
+
+        known = set().union(*self.presets.values())
+        options = [
+            ("--epochs", {"type": int}, "the largest number of epochs"),
+            ("--batch-size", {"type": int}, "images per step (per process under torchrun)"),
+            ("--lr", {"type": float}, "the optimizer's learning rate"),
+            ("--warmup-epochs", {"type": float},
+             "linear KL warm-up: beta reaches 1 at the end of this epoch"),
+            ("--warmup-unit", {"choices": WARMUP_UNITS},
+             "beta rises at every step, or once per epoch"),
+            ("--patience", {"type": int},
+             "early stopping: epochs after the warm-up without a better validation ELBO"),
+            ("--valid-images", {"type": int}, "training images held out for validation"),
+            ("--num-samples", {"type": int}, "importance samples per test image for the LL"),
+        ]
+        for flag, kwargs, help_text in options:
+            if flag[2:].replace("-", "_") in known:
+                self.add_preset_argument(flag, help=help_text, **kwargs)
+
+    def add_subset_arguments(self) -> None:
+        """``--train-images``, ``--test-images`` (the first N of each) and
+        ``--surgery-points``."""
+        self.add_argument("--train-images", type=int, help="use the first N training images")
+        self.add_argument("--test-images", type=int, help="evaluate on the first N test images")
+        self.add_argument("--surgery-points", type=int, default=1000,
+                          help="test images in the ELBO surgery (MI, KL(q||p)); 0 skips it")
+
     def add_run_arguments(self, out: str) -> None:
         """The options every example has: device, seed, data, output, resume, progress."""
         self.add_argument("--device", default="auto",
@@ -79,6 +120,10 @@ class ExampleParser(argparse.ArgumentParser):
         for key, value in self.presets[parsed.preset].items():
             if getattr(parsed, key, None) is None:
                 setattr(parsed, key, value)
+        if "num_particles" in vars(parsed):
+            parsed.num_particles = parsed.num_particles or (
+                5 if parsed.objective == "iwae" else 1)
+        self._check_counts(parsed)
         if hasattr(parsed, "device"):
             try:
                 parsed.device = check_device(parsed.device)
@@ -91,6 +136,24 @@ class ExampleParser(argparse.ArgumentParser):
             elif not os.path.isdir(parsed.data_dir):
                 self.error(f"--data-dir {parsed.data_dir}: no such folder")
         return parsed
+
+    #: options that must be positive, and options that must not be negative, where present
+    POSITIVE = ("latent_dim", "num_particles", "batch_size", "num_samples", "num_flows",
+                "num_pseudo_inputs", "patience")
+    NON_NEGATIVE = ("epochs", "warmup_epochs", "valid_images", "surgery_points", "train_images",
+                    "test_images")
+
+    def _check_counts(self, parsed: argparse.Namespace) -> None:
+        for names, expected, low in ((self.POSITIVE, "a positive number", 1),
+                                     (self.NON_NEGATIVE, "non-negative", 0)):
+            for name in names:
+                value = vars(parsed).get(name)
+                if value is not None:
+                    self.require(value >= low, f"--{name.replace('_', '-')}", expected, value)
+        patience, valid = vars(parsed).get("patience"), vars(parsed).get("valid_images")
+        if patience is not None and valid is not None:
+            self.require(valid > 0, "--patience", "unset without --valid-images (early "
+                         "stopping needs a validation split)", patience)
 
     def require(self, condition: bool, argument: str, expected: str, value: Any) -> None:
         """Fail with a one-line error naming ``argument`` unless ``condition`` holds."""

@@ -6,6 +6,8 @@ from pyro_dgm.infer.diagnostics import (
     active_units,
     bits_per_dim,
     elbo_surgery,
+    kl_per_unit,
+    latent_diagnostics,
 )
 from pyro_dgm.infer.elbo import TraceAnalyticKL_ELBO
 from pyro_dgm.infer.evaluation import (
@@ -17,6 +19,7 @@ from pyro_dgm.infer.evaluation import (
     evaluate_dataset,
     importance_log_likelihood,
 )
+from pyro_dgm.infer.free_bits import FreeBitsELBO
 from pyro_dgm.infer.iwae import ImportanceWeightedELBO, RenyiELBO
 from pyro_dgm.infer.objectives import OBJECTIVES, make_objective
 
@@ -27,8 +30,11 @@ __all__ = [
     "active_units",
     "bits_per_dim",
     "elbo_surgery",
+    "kl_per_unit",
+    "latent_diagnostics",
     "DatasetEvaluation",
     "ElboTerms",
+    "FreeBitsELBO",
     "ImportanceWeightedELBO",
     "LogLikelihoodEstimate",
     "RenyiELBO",

@@ -18,6 +18,8 @@ __all__ = [
     "active_units",
     "bits_per_dim",
     "elbo_surgery",
+    "kl_per_unit",
+    "latent_diagnostics",
 ]
 
 
@@ -367,3 +369,106 @@ def bits_per_dim(log_likelihood_nats: float | Tensor, num_dims: int) -> float | 
     if num_dims < 1:
         raise ValueError(f"num_dims must be positive, got {num_dims}")
     return -log_likelihood_nats / (num_dims * math.log(2))
+
+
+def latent_diagnostics(
+    posterior: Callable[[Tensor], Distribution],
+    prior: Distribution | None,
+    data: Tensor,
+    *,
+    num_points: int | None = 1000,
+    threshold: float = 0.01,
+    seed: int | None = 0,
+) -> dict[str, float]:
+    """How a latent code is used on ``data`` (shape ``(N, ...)``), as floats:
+
+    * ``active_units``: units whose posterior mean varies over the data by more than
+      ``threshold`` (:func:`active_units`; for vMF codes, coordinates of
+      :math:`\\mathbb{E}_q[z] = A(\\kappa)\\mu \\in \\mathbb{R}^{d+1}`);
+    * with a ``prior``: ``average_kl``, ``mutual_information``, ``marginal_kl``,
+      ``log_num_data``, the ELBO surgery of Hoffman & Johnson (2016) (:func:`elbo_surgery`)
+      with ``num_points`` draws of :math:`z` against all :math:`N` posteriors (nats).
+
+    :param posterior: callable ``x_batch -> q(z | x_batch)``, batch shape ``(B,)``, event
+        shape ``(m,)`` (a model's ``posterior``, or a level of its ``latent_levels``).
+    :param prior: :math:`p(z)`, batch shape ``()``, event shape ``(m,)``; ``None`` skips the
+        surgery.
+    :raises ValueError: as :func:`active_units` and :func:`elbo_surgery` raise.
+    """
+    units = active_units(posterior, data, threshold=threshold, seed=seed)
+    result: dict[str, float] = {"active_units": units.count}
+    if prior is not None:
+        surgery = elbo_surgery(posterior, prior, data, seed=seed,
+                               num_points=None if num_points is None else min(num_points,
+                                                                               len(data)))
+        result.update(average_kl=surgery.average_kl,
+                      mutual_information=surgery.mutual_information,
+                      marginal_kl=surgery.marginal_kl, log_num_data=surgery.log_num_data)
+    return result
+
+
+@torch.no_grad()
+def kl_per_unit(
+    model: Callable, guide: Callable, data: Tensor, *, batch_size: int = 500, seed: int | None = 0
+) -> dict[str, Tensor]:
+    """The KL of each latent site of a model/guide pair, per unit where it splits into units,
+    averaged over ``data`` (nats per data point): for a site whose posterior and prior are
+    both ``Independent`` over one dimension with a registered KL between their base
+    distributions (diagonal Gaussians), :math:`\\mathrm{KL}(q(z_u \\mid x) \\| p(z_u))` for
+    each unit :math:`u` (conditional on the guide's draws of the sites before it, as in the
+    ELBO); else the site's closed-form KL, else :math:`\\log q(z) - \\log p(z)` at one draw,
+    as a single entry. A collapsed unit's KL is near 0.
+
+    ``model(batch)`` and ``guide(batch)`` are called on slices of ``data`` of at most
+    ``batch_size`` rows; every latent site must have the batch as its leftmost batch
+    dimension.
+
+    :returns: ``{site name: tensor of shape (units,) or (1,)}``, float64, on the data's
+        device.
+    :raises ValueError: for empty ``data`` or a non-positive ``batch_size``.
+    """
+    import pyro.poutine as poutine
+    from pyro.poutine.util import site_is_subsample
+
+    _check_data(data)
+    _check_positive(batch_size=batch_size)
+    totals: dict[str, Tensor] = {}
+    with _seeded(seed, data.device):
+        for start in range(0, len(data), batch_size):
+            batch = data[start:start + batch_size]
+            guide_trace = poutine.trace(guide).get_trace(batch)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+            for name, site in model_trace.nodes.items():
+                if (site["type"] != "sample" or site["is_observed"] or site_is_subsample(site)
+                        or name not in guide_trace):
+                    continue
+                q, p, z = guide_trace.nodes[name]["fn"], site["fn"], site["value"]
+                kl = _unit_kl(q, p, z).double()
+                kl = kl.reshape(len(batch), -1).sum(0)
+                totals[name] = kl if name not in totals else totals[name] + kl
+    return {name: total / len(data) for name, total in totals.items()}
+
+
+def _unit_kl(q: Distribution, p: Distribution, z: Tensor) -> Tensor:
+    """Per-unit KL ``(B, m)`` where it splits, else ``(B,)``: see :func:`kl_per_unit`."""
+    from pyro.distributions import MaskedDistribution
+    from pyro.distributions.torch_distribution import ExpandedDistribution
+    from torch.distributions import Independent
+
+    def base(fn: Distribution) -> Distribution | None:
+        while isinstance(fn, (ExpandedDistribution, MaskedDistribution)):
+            fn = fn.base_dist
+        if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1:
+            return fn.base_dist
+        return None
+
+    q_base, p_base = base(q), base(p)
+    if q_base is not None and p_base is not None:
+        try:
+            return kl_divergence(q_base, p_base).expand(z.shape)
+        except NotImplementedError:
+            pass
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return q.log_prob(z) - p.log_prob(z)

@@ -2,7 +2,10 @@
 priors they can use, flow density models of images, and the networks they are built from
 (gated MLPs, PixelCNN decoders)."""
 
+from pyro_dgm.models.hvae import HierarchicalVAE, TwoStreamNet
 from pyro_dgm.models.image_flow import ImageFlow, glow, real_nvp
+from pyro_dgm.models.latents import GaussianLatent, VonMisesFisherLatent
+from pyro_dgm.models.likelihoods import PixelCNNBernoulli, PixelCNNLikelihood
 from pyro_dgm.models.networks import GatedConv2d, GatedDense, GatedMLP
 from pyro_dgm.models.pixelcnn import GatedMaskedConv2d, MaskedConv2d, PixelCNNDecoder
 from pyro_dgm.models.priors import FlowPrior, MixtureOfGaussiansPrior, VampPriorModule
@@ -15,11 +18,17 @@ __all__ = [
     "GatedDense",
     "GatedMLP",
     "GatedMaskedConv2d",
+    "GaussianLatent",
+    "HierarchicalVAE",
     "ImageFlow",
     "MaskedConv2d",
     "MixtureOfGaussiansPrior",
+    "PixelCNNBernoulli",
     "PixelCNNDecoder",
+    "PixelCNNLikelihood",
+    "TwoStreamNet",
     "VampPriorModule",
+    "VonMisesFisherLatent",
     "glow",
     "real_nvp",
 ]

@@ -1,22 +1,27 @@
-"""A variational auto-encoder for binary images, with Gaussian or hyperspherical latents."""
+"""A variational auto-encoder composed of parts: an encoder, a latent family with its prior, an
+optional posterior flow and a decoder (the likelihood :math:`p(x \\mid z)`)."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as pyro_dist
 import pyro.poutine as poutine
 import torch
-import torch.nn.functional as F
+from pyro.contrib.zuko import ZukoToPyro
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.distributions.transforms import ConditionalPlanar, conditional_affine_autoregressive
 from pyro.nn import DenseNN, PyroModule
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
-from pyro_dgm.distributions import HypersphericalUniform, VonMisesFisher
-from pyro_dgm.infer import active_units, elbo_surgery
+from pyro_dgm.models.latents import GaussianLatent, VonMisesFisherLatent
+from pyro_dgm.models.likelihoods import PixelCNNLikelihood
+from pyro_dgm.models.networks import GatedMLP
+from pyro_dgm.models.pixelcnn import PixelCNNDecoder
 from pyro_dgm.models.priors import FlowPrior, MixtureOfGaussiansPrior, VampPriorModule
 from pyro_dgm.transforms import (
     ConditionalHouseholder,
@@ -42,358 +47,484 @@ _INSTANCES = itertools.count()
 
 
 def _kl_scaled(kl_scale: float | Tensor):
-    """``poutine.scale(kl_scale)`` for the latent site; no handler at all for the plain 1.0 (a
+    """``poutine.scale(kl_scale)`` for the latent sites; no handler at all for the plain 1.0 (a
     messenger less on the stack of every sample statement)."""
     if isinstance(kl_scale, (int, float)) and kl_scale == 1:
         return contextlib.nullcontext()
     return poutine.scale(scale=kl_scale)
 
 
+def _data_plate(x: Tensor, indices: Tensor | None, num_data: int | None):
+    """The plate ``"data"`` over the batch, subsampling a data set of ``num_data`` points."""
+    if num_data is None:
+        return pyro.plate("data", x.shape[0], dim=-1)
+    if indices is None:
+        raise ValueError("indices (the batch's positions in the data set) must be given "
+                         "with num_data")
+    return pyro.plate("data", num_data, subsample=indices, dim=-1)
+
+
+def _as_pyro(distribution: Distribution) -> pyro_dist.TorchDistribution:
+    """A Pyro distribution as it is; any other ``torch.distributions.Distribution`` (a zuko
+    flow's, for instance) wrapped in Pyro's :class:`~pyro.contrib.zuko.ZukoToPyro`."""
+    if isinstance(distribution, TorchDistributionMixin):
+        return distribution
+    if isinstance(distribution, Distribution):
+        return ZukoToPyro(distribution)
+    raise ValueError(f"a part must return a distribution, got {type(distribution).__name__}")
+
+
+def _likelihood(output: Tensor | Distribution, like: Tensor) -> pyro_dist.TorchDistribution:
+    """The decoder's output as the distribution of an observation shaped like ``like`` (batch
+    dim first): Bernoulli logits (a tensor) or a distribution, taken as it is."""
+    if torch.is_tensor(output):
+        return pyro_dist.Bernoulli(logits=output, validate_args=False).to_event(like.dim() - 1)
+    return _as_pyro(output)
+
+
+def _draw(distribution: Distribution) -> Tensor:
+    """One draw, the Pyro way (``fn()``: Pyro's :class:`~pyro.contrib.zuko.ZukoToPyro` has no
+    ``sample``)."""
+    if isinstance(distribution, TorchDistributionMixin):
+        return distribution()
+    return distribution.sample()
+
+
+def _mean_or_sample(distribution: Distribution) -> Tensor:
+    """The mean where it has a closed form (Bernoulli means), else one draw (PixelCNN)."""
+    try:
+        return distribution.mean
+    except NotImplementedError:
+        return _draw(distribution)
+
+
+def _point(distribution: Distribution) -> Tensor:
+    """A point summary of a posterior: its mode, else its mean, else one draw."""
+    for name in ("mode", "mean"):
+        try:
+            return getattr(distribution, name)
+        except (NotImplementedError, AttributeError):
+            continue
+    return _draw(distribution)
+
+
+class _PriorPart:
+    """The prior of one latent level, however it was given: ``None`` (the latent family's
+    ``fixed_prior``, built once per batch size, dtype, device and validation setting), a fixed
+    distribution, a :class:`~pyro_dgm.models.VampPriorModule` (called with the level's
+    posterior) or any module whose ``forward()`` returns a distribution (a zuko flow's is
+    wrapped in :class:`~pyro.contrib.zuko.ZukoToPyro`)."""
+
+    def __init__(self, prior, latent: nn.Module) -> None:
+        if prior is not None and not isinstance(prior, (Distribution, nn.Module)):
+            raise ValueError(f"prior must be None, a distribution or an nn.Module, got "
+                             f"{type(prior).__name__}")
+        if prior is None and not hasattr(latent, "fixed_prior"):
+            raise ValueError(f"prior must be given: the latent part "
+                             f"{type(latent).__name__} has no fixed_prior")
+        self.prior, self.latent = prior, latent
+        self._cache: dict[tuple, pyro_dist.TorchDistribution] = {}
+
+    def __call__(self, batch_size: int | None, like: Tensor,
+                 posterior: Callable[[Tensor], Distribution]) -> pyro_dist.TorchDistribution:
+        if isinstance(self.prior, VampPriorModule):
+            prior = self.prior(posterior)
+        elif isinstance(self.prior, nn.Module):
+            prior = _as_pyro(self.prior())
+        elif self.prior is not None:
+            prior = _as_pyro(self.prior)
+        else:
+            return self._fixed(batch_size, like)
+        return prior if batch_size is None else prior.expand([batch_size])
+
+    def _fixed(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
+        # distributions are immutable: none of this construction in a training step
+        validation = torch.distributions.Distribution._validate_args
+        key = (batch_size, like.dtype, like.device, validation)
+        prior = self._cache.get(key)
+        if prior is None:
+            prior = self.latent.fixed_prior(like)
+            if batch_size is not None:
+                prior = prior.expand([batch_size])
+            if len(self._cache) >= 16:  # a few shapes in practice; never unbounded
+                self._cache.clear()
+            self._cache[key] = prior
+        return prior
+
+
 class VAE(PyroModule):
-    """VAE with a Bernoulli decoder, as a Pyro ``model``/``guide`` pair (Kingma & Welling 2014).
+    """A VAE as a Pyro ``model``/``guide`` pair built from parts (Kingma & Welling 2014):
 
-    The latent family is ``"normal"`` (the N-VAE: :math:`q = \\mathcal{N}(\\mu, \\sigma^2)`,
-    prior :math:`\\mathcal{N}(0, I)` in :math:`\\mathbb{R}^d`) or ``"vmf"`` (the S-VAE of
-    Davidson et al. 2018: :math:`q = \\mathrm{vMF}(\\mu, \\kappa)`, prior uniform on
-    :math:`S^d \\subset \\mathbb{R}^{d+1}`, :math:`\\kappa = \\mathrm{softplus}(\\cdot) + 1`).
-    ``latent_dim`` is the manifold dimension :math:`d` in both cases, as in the paper's tables,
-    so the S-VAE's samples have :math:`d + 1` coordinates.
+    .. math::
 
-    Encoder: MLP ``input_dim -> hidden_dims -> heads`` with ReLU; decoder: the mirror image,
-    ending in Bernoulli logits (the paper's 784-256-128 by default).
+        q(z \\mid x) = \\text{flow}_{h(x)} \\# \\, \\text{latent}(h(x)), \\quad
+        h = \\text{encoder}(x), \\qquad p(x, z) = p(z) \\, p(x \\mid z), \\quad
+        p(x \\mid z) = \\text{decoder}(z).
 
-    ``model(x, ...)`` and ``guide(x, ...)`` take a batch ``x`` of shape ``(B, input_dim)`` with
-    values in :math:`\\{0, 1\\}`, and keyword arguments:
+    Every combination of parts runs through the same ``model`` and ``guide``; any
+    ``nn.Module`` that takes the inputs and returns the outputs below can take a part's place:
 
-    * ``indices`` and ``num_data``: the batch's positions in a data set of ``num_data`` points;
-      the data plate then subsamples and scales log-densities by ``num_data / B``, so the loss
-      is an estimate for the whole data set;
-    * ``kl_scale``: the KL warm-up factor :math:`\\beta` multiplying the latent site's log
-      densities (:math:`\\log p(z) - \\log q(z)`, or the closed-form KL).
+    * ``encoder``: data ``(B, *x_shape)`` to features ``(B, F)``;
+    * ``latent``: features to :math:`q(z \\mid x)`, a distribution of batch shape ``(B,)``
+      and event shape ``(m,)``: a latent family (:class:`~pyro_dgm.models.GaussianLatent`,
+      :class:`~pyro_dgm.models.VonMisesFisherLatent`, whose ``fixed_prior`` is the default
+      prior), or a conditional zuko flow (``zuko.flows.NSF(m, context=F)``: its distributions
+      are wrapped in Pyro's :class:`~pyro.contrib.zuko.ZukoToPyro`);
+    * ``decoder``: codes ``(..., m)`` to Bernoulli logits of shape ``(..., *x_shape)``, or to
+      a distribution of :math:`x` (:class:`~pyro_dgm.models.PixelCNNLikelihood`);
+    * ``prior``: ``None`` (the latent family's fixed prior), a distribution of batch shape
+      ``()``, a :class:`~pyro_dgm.models.VampPriorModule` (the VampPrior of the current
+      encoder and latent head), or a module whose ``forward()`` returns a distribution
+      (:class:`~pyro_dgm.models.MixtureOfGaussiansPrior`,
+      :class:`~pyro_dgm.models.FlowPrior`, an unconditional zuko flow, wrapped in
+      ``ZukoToPyro``);
+    * ``flow``: ``None`` or a sequence of Pyro ``ConditionalTransformModule`` s, each
+      conditioned on the features :math:`h(x)`: :math:`q(z \\mid x)` is then the latent
+      family's distribution pushed through them (one
+      :class:`~pyro.distributions.TransformedDistribution`, whose ``log_prob`` of the guide's
+      own sample comes from the transforms' caches). There is no closed-form KL then:
+      :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` falls back to the Monte Carlo KL.
 
-    All sample sites live in the plate named ``"data"`` (the latent site is ``"z"``, the
-    observation ``"x"``), so :func:`~pyro_dgm.infer.importance_log_likelihood` and
+    ``model(x, ...)`` and ``guide(x, ...)`` take a batch ``x`` of shape ``(B, *x_shape)`` and
+    keyword arguments ``indices`` and ``num_data`` (the batch's positions in a data set of
+    ``num_data`` points: the data plate then subsamples and scales log-densities by
+    ``num_data / B``) and ``kl_scale`` (the KL warm-up factor :math:`\\beta` multiplying the
+    latent site's log-densities). All sample sites lie in the plate ``"data"`` (latent site
+    ``"z"``, observation ``"x"``), so :func:`~pyro_dgm.infer.importance_log_likelihood` and
     :func:`~pyro_dgm.infer.elbo_terms` apply directly.
 
-    Posterior flows (Gaussian latents only). With ``flow`` set, :math:`q(z \\mid x)` is the
-    Gaussian :math:`q_0 = \\mathcal{N}(\\mu(x), \\sigma^2(x))` pushed through ``num_flows``
-    normalizing flows :math:`z_K = f_K \\circ \\cdots \\circ f_1(z_0)` whose parameters are
-    amortized: computed from the encoder's last hidden layer :math:`h(x)` (the context, of
-    dimension ``hidden_dims[-1]``), as in the papers below. :meth:`posterior` returns this as one
-    :class:`~pyro.distributions.TransformedDistribution`, so the guide keeps its single site
-    ``"z"``; its ``log_prob`` of the guide's own sample,
-    :math:`\\log q_0(z_0) - \\sum_k \\log \\lvert \\det \\partial f_k / \\partial z_{k-1}
-    \\rvert`, comes from the transforms' caches (no inverse is computed; the planar flow has
-    none). There is no closed-form KL then:
-    :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` falls back to the Monte Carlo KL, and
-    :func:`~pyro_dgm.infer.importance_log_likelihood` applies unchanged. The kinds:
+    **Presets.** :meth:`preset` builds the MLP models of the S-VAE, VampPrior and flow papers
+    from names (:meth:`svae` and :meth:`nvae` for the first), and a string as the first
+    argument (``VAE("vmf", latent_dim=10)``, the constructor of earlier versions) calls it.
+    Checkpoints of those versions load: their key ``posterior_head.*`` is read as
+    ``latent.head.*``.
 
-    * ``"planar"``: Pyro's :class:`~pyro.distributions.transforms.ConditionalPlanar`, its
-      parameters a linear function of :math:`h(x)` (Rezende & Mohamed 2015);
-    * ``"iaf"``: Pyro's :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`
-      (inverse autoregressive flow, Kingma et al. 2016), each a
-      :class:`~pyro.nn.ConditionalAutoRegressiveNN` with one hidden layer of width
-      :math:`5d` (320 for :math:`d = 64`) and a random variable order of its own;
-    * ``"householder"``: the Householder flow of Tomczak & Welling (2016),
-      :class:`~pyro_dgm.transforms.ConditionalHouseholder` with ``num_flows`` reflections whose
-      vectors form the paper's chain started from :math:`h(x)`
-      (:class:`~pyro_dgm.transforms.HouseholderChainNN`);
-    * ``"orthogonal-sylvester"``, ``"householder-sylvester"``, ``"triangular-sylvester"``: the
-      Sylvester flows of van den Berg et al. (2018), one stack of ``num_flows`` flows whose
-      parameters are a linear function of :math:`h(x)`
-      (:class:`~pyro_dgm.transforms.ConditionalOrthogonalSylvester`,
-      :class:`~pyro_dgm.transforms.ConditionalHouseholderSylvester`,
-      :class:`~pyro_dgm.transforms.ConditionalTriangularSylvester`) with the class defaults
-      (orthogonal: bottleneck :math:`M = \\min(32, d)`; householder: 8 reflections per flow;
-      triangular: :math:`Q` alternating between the identity and the reversal permutation
-      along the stack).
-
-    Priors (``prior``). Besides the fixed ones (``"standard"``: :math:`\\mathcal{N}(0, I)`;
-    ``"uniform"``: uniform on :math:`S^d`), learned priors, whose parameters train with the rest
-    (the optimal prior is the aggregate posterior, Hoffman & Johnson 2016):
-
-    * ``"vamp"`` (both families): the VampPrior of Tomczak & Welling (2018),
-      :math:`p(z) = \\frac1K \\sum_k q(z \\mid u_k)` over ``num_pseudo_inputs`` learned
-      pseudo-inputs :math:`u_k \\in [0, 1]^D` (:class:`~pyro_dgm.models.VampPriorModule`,
-      initialised as ``pseudo_input_init`` says), built from the current encoder once per
-      ``model`` call, so the gradient reaches pseudo-inputs and encoder; for the S-VAE a
-      mixture of vMFs on the sphere;
-    * ``"mog"``: a mixture of ``num_prior_components`` Gaussians with learned weights, means
-      and diagonal scales (:class:`~pyro_dgm.models.MixtureOfGaussiansPrior`);
-    * ``"flow"``: :math:`\\mathcal{N}(0, I)` pushed through ``num_prior_flows`` affine
-      autoregressive flows, density evaluated in one pass per flow (MAF;
-      :class:`~pyro_dgm.models.FlowPrior`).
-
-    A learned prior has no closed-form KL: :class:`~pyro_dgm.infer.TraceAnalyticKL_ELBO` then
-    uses the Monte Carlo KL, :math:`\\log q(z \\mid x) - \\log p(z)` at the posterior
-    sample, and :class:`~pyro_dgm.infer.ImportanceWeightedELBO` and
-    :func:`~pyro_dgm.infer.importance_log_likelihood` need nothing else.
-
-    :param str latent: ``"normal"`` or ``"vmf"``.
-    :param int latent_dim: manifold dimension :math:`d \\ge 1`.
-    :param int input_dim: data dimension (784 for MNIST).
-    :param hidden_dims: encoder hidden widths; the decoder uses them reversed.
-    :param flow: ``None`` (default: the plain Gaussian or vMF posterior) or one of the flow
-        kinds above; Gaussian latents only.
-    :type flow: str or None
-    :param int num_flows: number of flows in the stack (of reflections for ``"householder"``).
-    :param prior: ``"standard"``, ``"vamp"``, ``"flow"`` or ``"mog"`` for Gaussian latents,
-        ``"uniform"`` or ``"vamp"`` for vMF latents; ``None``: the family's fixed prior.
-    :type prior: str or None
-    :param int num_pseudo_inputs: :math:`K` for ``prior="vamp"`` (500 in the paper).
-    :param pseudo_input_init: ``"normal"`` (:math:`\\mathcal{N}(0.05, 0.01^2)`, the paper's),
-        ``"data"`` (random rows of ``pseudo_input_data``) or a tensor of initial values.
-    :param pseudo_input_data: training data for ``pseudo_input_init="data"``.
-    :param int num_prior_components: mixture components for ``prior="mog"``.
-    :param int num_prior_flows: autoregressive flows for ``prior="flow"``.
-    :param bool param_store: register the networks' parameters in Pyro's param store when
-        ``model`` and ``guide`` run (``pyro.module``), as ``SVI`` with a ``pyro.optim`` optimizer
-        needs. A torch optimizer over ``vae.parameters()`` (as in
-        :func:`~pyro_dgm.experiments.train_epoch`) does not: ``param_store=False`` skips the
-        registration, about a dozen ``pyro.param`` sites per step.
-    :raises ValueError: for an unknown ``latent``, ``flow`` or ``prior`` (or one of the other
-        family), a flow with ``latent="vmf"`` or with the VampPrior (whose mixture evaluates the
-        posterior at arbitrary points), or a non-positive dimension or ``num_flows``.
-
-    References: D. J. Rezende, S. Mohamed, "Variational Inference with Normalizing Flows", ICML
-    2015; D. P. Kingma et al., "Improved Variational Inference with Inverse Autoregressive
-    Flow", NeurIPS 2016; J. M. Tomczak, M. Welling, "Improving Variational Auto-Encoders using
-    Householder Flow", arXiv:1611.09630 (2016); R. van den Berg, L. Hasenclever, J. M.
-    Tomczak, M. Welling, "Sylvester Normalizing Flows for Variational Inference", UAI 2018.
+    :param encoder: the encoder module.
+    :param latent: the latent part (see above).
+    :param decoder: the decoder module.
+    :param prior: the prior part (see above).
+    :param flow: posterior flows conditioned on the encoder's features.
+    :param bool param_store: register the parts in Pyro's param store when ``model`` and
+        ``guide`` run (``pyro.module``), as ``SVI`` with a ``pyro.optim`` optimizer needs; a
+        torch optimizer over ``vae.parameters()`` does not (``param_store=False`` skips it).
+    :raises ValueError: for a part of the wrong kind, ``prior=None`` with a latent part
+        without ``fixed_prior``, or as :meth:`preset` raises (string form).
 
     Example::
 
-        >>> vae = VAE("vmf", latent_dim=10)
+        >>> vae = VAE(GatedMLP(784, (300, 300)), VonMisesFisherLatent(300, 10),
+        ...           GatedMLP(11, (300, 300), output_dim=784),
+        ...           prior=VampPriorModule(500, 784))
         >>> x = torch.bernoulli(torch.full((64, 784), 0.3))
         >>> loss = TraceAnalyticKL_ELBO().differentiable_loss(vae.model, vae.guide, x)
     """
 
     def __init__(
         self,
-        latent: str = "vmf",
-        latent_dim: int = 10,
+        encoder: nn.Module | str = "vmf",
+        latent: nn.Module | int | None = None,
+        decoder: nn.Module | int | None = None,
+        *preset_args,
+        prior: Distribution | nn.Module | str | None = None,
+        flow: Sequence[nn.Module] | str | None = None,
+        param_store: bool = True,
+        **preset_options,
+    ) -> None:
+        if isinstance(encoder, str):
+            positional = [value for value in (latent, decoder) if value is not None]
+            parts = _preset_parts(encoder, *positional, *preset_args, prior=prior, flow=flow,
+                                  **preset_options)
+            encoder, latent, decoder = parts["encoder"], parts["latent"], parts["decoder"]
+            prior, flow = parts["prior"], parts["flow"]
+        elif preset_args or preset_options:
+            raise ValueError(f"options {sorted(preset_options) or preset_args} are for the "
+                             "string presets (VAE.preset); parts are modules")
+        for name, part in (("encoder", encoder), ("latent", latent), ("decoder", decoder)):
+            if not isinstance(part, nn.Module):
+                raise ValueError(f"{name} must be an nn.Module, got {type(part).__name__}")
+        if isinstance(flow, str):
+            raise ValueError(f"flow={flow!r} is a preset's name: use VAE.preset or pass "
+                             "conditional transform modules")
+        super().__init__()
+        # The param store is global: each VAE gets a name of its own, since two registering
+        # under one name would silently share parameters.
+        self.param_store = param_store
+        self.pyro_name = f"VAE{next(_INSTANCES)}"
+        self.encoder = encoder
+        self.latent = latent
+        self.decoder = decoder
+        #: the prior's module (None for a fixed prior)
+        self.prior_module = prior if isinstance(prior, nn.Module) else None
+        self._prior = _PriorPart(prior, latent)
+        #: the amortized posterior flows, each conditioned on h(x); empty without ``flow``
+        self.flows = nn.ModuleList(list(flow or []))
+
+    @classmethod
+    def preset(cls, latent: str = "vmf", latent_dim: int = 10, input_dim: int = 784,
+               hidden_dims: Sequence[int] = (256, 128), *, flow: str | None = None,
+               num_flows: int = 16, prior: str | None = None, num_pseudo_inputs: int = 500,
+               pseudo_input_init: str | Tensor = "normal",
+               pseudo_input_data: Tensor | None = None, num_prior_components: int = 10,
+               num_prior_flows: int = 2, param_store: bool = True) -> VAE:
+        """The MLP VAEs of the papers, by name: encoder ``input_dim -> hidden_dims`` with ReLU
+        (the features :math:`h(x)`, of size ``hidden_dims[-1]``), the decoder its mirror image
+        (Pyro's :class:`~pyro.nn.DenseNN`) ending in Bernoulli logits.
+
+        * ``latent``: ``"normal"`` (:class:`~pyro_dgm.models.GaussianLatent`, the N-VAE) or
+          ``"vmf"`` (:class:`~pyro_dgm.models.VonMisesFisherLatent`, the S-VAE of Davidson et
+          al. 2018); ``latent_dim`` is the manifold dimension :math:`d` in both cases, so the
+          S-VAE's samples have :math:`d + 1` coordinates.
+        * ``prior``: ``"standard"`` (:math:`\\mathcal{N}(0, I)`) or ``"uniform"`` (on
+          :math:`S^d`), the family's fixed prior and the default; ``"vamp"`` (both families,
+          :class:`~pyro_dgm.models.VampPriorModule` with ``num_pseudo_inputs``, initialised
+          as ``pseudo_input_init`` says from ``pseudo_input_data``; Tomczak & Welling 2018);
+          ``"mog"`` (:class:`~pyro_dgm.models.MixtureOfGaussiansPrior` of
+          ``num_prior_components``) and ``"flow"`` (:class:`~pyro_dgm.models.FlowPrior` of
+          ``num_prior_flows``), Gaussian latents only.
+        * ``flow`` (Gaussian latents, not with the VampPrior, whose mixture evaluates the
+          posterior at arbitrary points): ``num_flows`` amortized flows conditioned on
+          :math:`h(x)`: ``"planar"`` (Pyro's ``ConditionalPlanar``, parameters linear in
+          :math:`h`; Rezende & Mohamed 2015), ``"iaf"`` (Pyro's
+          ``ConditionalAffineAutoregressive``, one hidden layer of width :math:`5d`; Kingma et
+          al. 2016), ``"householder"`` (:class:`~pyro_dgm.transforms.ConditionalHouseholder`,
+          ``num_flows`` reflections from the chain
+          :class:`~pyro_dgm.transforms.HouseholderChainNN`; Tomczak & Welling 2016),
+          ``"orthogonal-sylvester"``, ``"householder-sylvester"``, ``"triangular-sylvester"``
+          (one stack of ``num_flows`` Sylvester flows with the class defaults; van den Berg et
+          al. 2018).
+
+        :raises ValueError: for an unknown ``latent``, ``flow`` or ``prior`` (or one of the
+            other family), a flow with ``latent="vmf"`` or with the VampPrior, or a
+            non-positive dimension or ``num_flows``.
+
+        References: D. J. Rezende, S. Mohamed, "Variational Inference with Normalizing
+        Flows", ICML 2015; D. P. Kingma et al., "Improved Variational Inference with Inverse
+        Autoregressive Flow", NeurIPS 2016; J. M. Tomczak, M. Welling, "Improving Variational
+        Auto-Encoders using Householder Flow", arXiv:1611.09630 (2016); R. van den Berg et
+        al., "Sylvester Normalizing Flows for Variational Inference", UAI 2018; T. R.
+        Davidson et al., "Hyperspherical Variational Auto-Encoders", UAI 2018.
+        """
+        return cls(latent, latent_dim, input_dim, hidden_dims, flow=flow, num_flows=num_flows,
+                   prior=prior, num_pseudo_inputs=num_pseudo_inputs,
+                   pseudo_input_init=pseudo_input_init, pseudo_input_data=pseudo_input_data,
+                   num_prior_components=num_prior_components, num_prior_flows=num_prior_flows,
+                   param_store=param_store)
+
+    @classmethod
+    def svae(cls, latent_dim: int = 10, **options) -> VAE:
+        """The S-VAE (Davidson et al. 2018): :meth:`preset` with ``latent="vmf"``."""
+        return cls.preset("vmf", latent_dim, **options)
+
+    @classmethod
+    def nvae(cls, latent_dim: int = 10, **options) -> VAE:
+        """The Gaussian VAE (N-VAE): :meth:`preset` with ``latent="normal"``."""
+        return cls.preset("normal", latent_dim, **options)
+
+    @classmethod
+    def gated(
+        cls,
         input_dim: int = 784,
-        hidden_dims: Sequence[int] = (256, 128),
+        latent_dim: int = 40,
         *,
-        flow: str | None = None,
-        num_flows: int = 16,
-        prior: str | None = None,
+        latent: str = "normal",
+        prior: str = "vamp",
+        hidden_dim: int = 300,
+        decoder: str = "mlp",
+        image_shape: Sequence[int] = (1, 28, 28),
+        pixelcnn_channels: int = 64,
+        pixelcnn_layers: int = 8,
         num_pseudo_inputs: int = 500,
         pseudo_input_init: str | Tensor = "normal",
         pseudo_input_data: Tensor | None = None,
-        num_prior_components: int = 10,
-        num_prior_flows: int = 2,
         param_store: bool = True,
-    ) -> None:
+    ) -> VAE:
+        """The one-level VAE of the VampPrior paper (Tomczak & Welling 2018) with its gated
+        networks, the one-level counterpart of
+        :meth:`HierarchicalVAE.preset <pyro_dgm.models.HierarchicalVAE.preset>` with the same
+        options: encoder two :class:`~pyro_dgm.models.GatedDense` layers of ``hidden_dim``
+        units, the ``latent`` family's head (``"normal"`` or ``"vmf"``); decoder
+        (``decoder="mlp"``) two gated layers and a linear map to the Bernoulli logits, or
+        (``"pixelcnn"``, the PixelVAE) a :class:`~pyro_dgm.models.PixelCNNDecoder`
+        conditioned on :math:`z`; ``prior``: ``"vamp"`` or ``"fixed"`` (the family's).
+
+        :raises ValueError: for an unknown ``latent``, ``prior`` or ``decoder``, or an
+            ``image_shape`` not of ``input_dim`` pixels with ``decoder="pixelcnn"``.
+        """
         if latent not in _LATENTS:
             raise ValueError(f"latent must be one of {_LATENTS}, got {latent!r}")
-        prior = _PRIORS[latent][0] if prior is None else prior
-        if prior not in _PRIORS[latent]:
-            raise ValueError(f"prior must be one of {_PRIORS[latent]} for latent={latent!r}, "
-                             f"got {prior!r}")
-        if prior == "vamp" and flow is not None:
-            raise ValueError(f"prior='vamp' needs a posterior without flow (its mixture "
-                             f"evaluates q(z | u_k) at every z), got flow={flow!r}")
-        if flow is not None:
-            if flow not in _FLOWS:
-                raise ValueError(f"flow must be None or one of {_FLOWS}, got {flow!r}")
-            if latent != "normal":
-                raise ValueError(
-                    f"flow={flow!r} needs latent='normal' (posterior flows act on R^d), got "
-                    f"latent={latent!r}"
-                )
-            if num_flows < 1:
-                raise ValueError(f"num_flows must be positive, got {num_flows}")
-        if latent_dim < 1 or input_dim < 1 or not hidden_dims or min(hidden_dims) < 1:
-            raise ValueError(
-                f"latent_dim, input_dim and hidden_dims must be positive, got {latent_dim}, "
-                f"{input_dim}, {tuple(hidden_dims)}"
-            )
-        super().__init__()
-        # With param_store, model and guide register the networks' parameters with Pyro
-        # (pyro.module), so that SVI with a pyro.optim optimizer trains them. The param store is
-        # global: each VAE gets a name of its own, since two registering under one name would
-        # silently share parameters.
-        self.param_store = param_store
-        self.pyro_name = f"VAE{next(_INSTANCES)}"
-        self.latent = latent
-        self.latent_dim = latent_dim
-        self.input_dim = input_dim
-        #: number of coordinates of z: d + 1 on the sphere S^d, d for the Gaussian
-        self.event_dim = latent_dim + 1 if latent == "vmf" else latent_dim
-        layers: list[nn.Module] = []
-        for width_in, width_out in zip((input_dim, *hidden_dims[:-1]), hidden_dims, strict=True):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-        #: the encoder's last hidden layer h(x), shared by the posterior heads
-        self.encoder = nn.Sequential(*layers)
-        second_head = 1 if latent == "vmf" else latent_dim  # concentration or scale
-        self.posterior_head = nn.Linear(hidden_dims[-1], self.event_dim + second_head)
-        # An activation module of its own: DenseNN's default nn.ReLU() is one instance shared
-        # by every DenseNN (harmless here, but not if a user converts it to a PyroModule).
-        self.decoder = DenseNN(
-            self.event_dim, list(reversed(hidden_dims)), [input_dim], nonlinearity=nn.ReLU()
-        )
-        self.flow = flow
-        self.num_flows = num_flows if flow is not None else 0
-        self.prior_kind = prior
-        self._fixed_priors: dict[tuple, pyro_dist.TorchDistribution] = {}
-        #: the learned prior's module (None for the fixed priors)
-        self.prior_module: nn.Module | None = None
-        if prior == "vamp":
-            self.prior_module = VampPriorModule(num_pseudo_inputs, input_dim,
-                                                init=pseudo_input_init, data=pseudo_input_data)
-        elif prior == "mog":
-            self.prior_module = MixtureOfGaussiansPrior(latent_dim, num_prior_components)
-        elif prior == "flow":
-            self.prior_module = FlowPrior(latent_dim, num_prior_flows)
-        #: the amortized posterior flows, each conditioned on h(x); empty without ``flow``
-        self.flows = nn.ModuleList(
-            [] if flow is None else _make_flows(flow, latent_dim, hidden_dims[-1], num_flows)
-        )
+        if prior not in ("fixed", "vamp"):
+            raise ValueError(f"prior must be 'fixed' or 'vamp', got {prior!r}")
+        family = (VonMisesFisherLatent if latent == "vmf" else GaussianLatent)(hidden_dim,
+                                                                                latent_dim)
+        if decoder == "mlp":
+            likelihood = GatedMLP(family.event_size, (hidden_dim, hidden_dim),
+                                  output_dim=input_dim)
+        elif decoder == "pixelcnn":
+            if torch.Size(image_shape).numel() != input_dim:
+                raise ValueError(f"image_shape must have input_dim = {input_dim} pixels, got "
+                                 f"{tuple(image_shape)}")
+            likelihood = PixelCNNLikelihood(
+                PixelCNNDecoder(family.event_size, image_shape, channels=pixelcnn_channels,
+                                num_layers=pixelcnn_layers), event_shape=(input_dim,))
+        else:
+            raise ValueError(f"decoder must be 'mlp' or 'pixelcnn', got {decoder!r}")
+        vamp = None if prior == "fixed" else VampPriorModule(
+            num_pseudo_inputs, input_dim, init=pseudo_input_init, data=pseudo_input_data)
+        return cls(GatedMLP(input_dim, (hidden_dim, hidden_dim)), family, likelihood,
+                   prior=vamp, param_store=param_store)
+
+    @property
+    def event_dim(self) -> int:
+        """Number of coordinates of :math:`z` (:math:`d + 1` on the sphere :math:`S^d`)."""
+        return self.latent.event_size
 
     def posterior(self, x: Tensor) -> pyro_dist.TorchDistribution:
         """The variational posterior :math:`q(z \\mid x)`: batch shape ``(B,)``, event shape
-        ``(event_dim,)``; with a ``flow``, a
-        :class:`~pyro.distributions.TransformedDistribution` of the Gaussian."""
+        ``(m,)``; with flows, a :class:`~pyro.distributions.TransformedDistribution`."""
         features = self.encoder(x)
-        head = self.posterior_head(features)
-        loc, second = head.split([self.event_dim, head.shape[-1] - self.event_dim], -1)
-        if self.latent == "vmf":
-            return VonMisesFisher(F.normalize(loc, dim=-1), F.softplus(second.squeeze(-1)) + 1)
-        base = pyro_dist.Normal(loc, F.softplus(second)).to_event(1)
+        base = _as_pyro(self.latent(features))
         if not self.flows:
             return base
-        transforms = [flow.condition(features) for flow in self.flows]
-        return pyro_dist.TransformedDistribution(base, transforms)
+        return pyro_dist.TransformedDistribution(
+            base, [flow.condition(features) for flow in self.flows])
+
+    def prior(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
+        """The prior :math:`p(z)`: batch shape ``(batch_size,)``, or ``()`` for
+        ``batch_size=None``; event shape ``(m,)``. A fixed prior is built on ``like``'s device
+        and dtype, a learned one on its parameters'; the VampPrior runs the encoder on the
+        pseudo-inputs (once per call; cached in eval mode)."""
+        return self._prior(batch_size, like, self.posterior)
+
+    def decode(self, z: Tensor) -> Tensor | Distribution:
+        """The decoder's output at codes ``z`` of shape ``(..., m)``: Bernoulli logits of
+        shape ``(..., *x_shape)``, or a distribution."""
+        return self.decoder(z)
+
+    def likelihood(self, z: Tensor, like: Tensor) -> pyro_dist.TorchDistribution:
+        """:math:`p(x \\mid z)` for observations shaped like ``like`` (batch dim first)."""
+        return _likelihood(self.decoder(z), like)
+
+    def _register(self, *names: str) -> None:
+        if self.param_store:
+            for name in names:
+                module = getattr(self, name)
+                if module is not None and any(True for _ in module.parameters()):
+                    pyro.module(f"{self.pyro_name}.{name}", module)
+
+    def model(self, x: Tensor, indices: Tensor | None = None, *, num_data: int | None = None,
+              kl_scale: float = 1.0) -> None:
+        self._register("decoder", "prior_module")
+        with _data_plate(x, indices, num_data):
+            with _kl_scaled(kl_scale):
+                z = pyro.sample("z", self.prior(x.shape[0], x))
+            pyro.sample("x", self.likelihood(z, x), obs=x)
+
+    def guide(self, x: Tensor, indices: Tensor | None = None, *, num_data: int | None = None,
+              kl_scale: float = 1.0) -> None:
+        self._register("encoder", "latent", "flows")
+        with _data_plate(x, indices, num_data):
+            with _kl_scaled(kl_scale):
+                pyro.sample("z", self.posterior(x))
 
     def _posterior_point(self, x: Tensor) -> Tensor:
-        """The posterior mode; with a flow, the flow's image of the Gaussian's mode (not in
-        general the mode of the flow posterior, which has no closed form)."""
+        """The posterior's mode (mean, or a draw, where it has none); with flows, the flows'
+        image of the base distribution's point (not in general the mode of the flow
+        posterior, which has no closed form)."""
         q = self.posterior(x)
         if not self.flows:
-            return q.mode
-        z = q.base_dist.mode
+            return _point(q)
+        z = _point(q.base_dist)
         for transform in q.transforms:
             z = transform(z)
         return z
 
-    def prior(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
-        """The prior :math:`p(z)`: batch shape ``(batch_size,)``, or ``()`` for
-        ``batch_size=None``; event shape ``(event_dim,)``. A fixed prior is built on ``like``'s
-        device and dtype, a learned one on its parameters'; the VampPrior runs the encoder on
-        the pseudo-inputs (once per call; cached in eval mode)."""
-        if self.prior_kind == "vamp":
-            prior = self.prior_module(self.posterior)
-        elif self.prior_module is not None:
-            prior = self.prior_module()
-        else:
-            return self._fixed_prior(batch_size, like)
-        return prior if batch_size is None else prior.expand([batch_size])
-
-    def _fixed_prior(self, batch_size: int | None, like: Tensor) -> pyro_dist.TorchDistribution:
-        """The parameter-free prior, built once per batch size, dtype, device and validation
-        setting (distributions are immutable): none of its construction in a training step."""
-        validation = torch.distributions.Distribution._validate_args
-        key = (batch_size, like.dtype, like.device, validation)
-        prior = self._fixed_priors.get(key)
-        if prior is None:
-            if self.latent == "vmf":
-                prior = HypersphericalUniform(self.event_dim, dtype=like.dtype,
-                                              device=like.device)
-            else:
-                prior = pyro_dist.Normal(like.new_zeros(()), like.new_ones(()))
-                prior = prior.expand([self.event_dim]).to_event(1)
-            if batch_size is not None:
-                prior = prior.expand([batch_size])
-            if len(self._fixed_priors) >= 16:  # a few shapes in practice; never unbounded
-                self._fixed_priors.clear()
-            self._fixed_priors[key] = prior
-        return prior
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Bernoulli logits of :math:`p(x \\mid z)`, shape ``z.shape[:-1] + (input_dim,)``."""
-        return self.decoder(z)
-
-    def _data_plate(self, x: Tensor, indices: Tensor | None, num_data: int | None):
-        if num_data is None:
-            return pyro.plate("data", x.shape[0], dim=-1)
-        if indices is None:
-            raise ValueError("indices (the batch's positions in the data set) must be given "
-                             "with num_data")
-        return pyro.plate("data", num_data, subsample=indices, dim=-1)
-
-    def model(
-        self,
-        x: Tensor,
-        indices: Tensor | None = None,
-        *,
-        num_data: int | None = None,
-        kl_scale: float = 1.0,
-    ) -> None:
-        if self.param_store:
-            pyro.module(f"{self.pyro_name}.decoder", self.decoder)
-            if self.prior_module is not None:
-                pyro.module(f"{self.pyro_name}.prior", self.prior_module)
-        with self._data_plate(x, indices, num_data):
-            with _kl_scaled(kl_scale):
-                z = pyro.sample("z", self.prior(x.shape[0], x))
-            pyro.sample(
-                "x", pyro_dist.Bernoulli(logits=self.decode(z), validate_args=False).to_event(1),
-                obs=x,
-            )
-
-    def guide(
-        self,
-        x: Tensor,
-        indices: Tensor | None = None,
-        *,
-        num_data: int | None = None,
-        kl_scale: float = 1.0,
-    ) -> None:
-        if self.param_store:
-            pyro.module(f"{self.pyro_name}.encoder", self.encoder)
-            pyro.module(f"{self.pyro_name}.posterior_head", self.posterior_head)
-            if self.flows:
-                pyro.module(f"{self.pyro_name}.flows", self.flows)
-        with self._data_plate(x, indices, num_data):
-            with _kl_scaled(kl_scale):
-                pyro.sample("z", self.posterior(x))
-
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Bernoulli means of :math:`p(x \\mid z)` at the posterior mode, shape like ``x`` (with
-        a ``flow``: at the flow's image of the Gaussian's mode)."""
-        return torch.sigmoid(self.decode(self._posterior_point(x)))
+        """The decoder's mean at the posterior's point (:meth:`_posterior_point`), shape like
+        ``x``: Bernoulli means, or a draw for a likelihood without a closed-form mean
+        (PixelCNN)."""
+        return _mean_or_sample(self.likelihood(self._posterior_point(x), x))
 
     @torch.no_grad()
     def generate(self, num_samples: int, like: Tensor) -> Tensor:
-        """Bernoulli means of :math:`p(x \\mid z)` for ``num_samples`` draws of the prior."""
-        return torch.sigmoid(self.decode(self.prior(num_samples, like).sample()))
+        """The decoder's mean (or a draw, see :meth:`reconstruct`) for ``num_samples`` draws
+        of the prior; observations shaped like ``like``'s rows."""
+        z = _draw(self.prior(num_samples, like))
+        return _mean_or_sample(self.likelihood(z, like[:1].expand(num_samples,
+                                                                  *like.shape[1:])))
 
-    @torch.no_grad()
-    def latent_diagnostics(
-        self, data: Tensor, *, num_points: int | None = 1000, threshold: float = 0.01,
-        seed: int | None = 0,
-    ) -> dict[str, float]:
-        """How the latent code is used on ``data`` (shape ``(N, input_dim)``, binary):
+    def latent_levels(self, like: Tensor) -> list[tuple[str, Callable, Distribution | None]]:
+        """The latent levels for diagnostics, ``[(site name, posterior, prior)]``: here one,
+        ``("z", self.posterior, self.prior(None, like))`` (see
+        :func:`~pyro_dgm.infer.latent_diagnostics`)."""
+        return [("z", self.posterior, self.prior(None, like))]
 
-        * ``active_units``: units whose posterior mean varies over the data by more than
-          ``threshold`` (:func:`~pyro_dgm.infer.active_units`; for the S-VAE, coordinates of
-          :math:`\\mathbb{E}_q[z] = A(\\kappa)\\mu \\in \\mathbb{R}^{d+1}`);
-        * ``average_kl``, ``mutual_information``, ``marginal_kl``, ``log_num_data``: the ELBO
-          surgery of Hoffman & Johnson (2016), :func:`~pyro_dgm.infer.elbo_surgery`, with
-          ``num_points`` draws of :math:`z` against all :math:`N` posteriors (nats).
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints of the string-built VAE kept its head as posterior_head
+        for key in [key for key in state_dict if key.startswith(prefix + "posterior_head.")]:
+            new = prefix + "latent.head." + key[len(prefix + "posterior_head."):]
+            state_dict[new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-        :returns: a dict of floats.
-        """
-        units = active_units(self.posterior, data, threshold=threshold, seed=seed)
-        surgery = elbo_surgery(self.posterior, self.prior(None, data), data,
-                               num_points=None if num_points is None else min(num_points,
-                                                                               len(data)),
-                               seed=seed)
-        return {"active_units": units.count, "average_kl": surgery.average_kl,
-                "mutual_information": surgery.mutual_information,
-                "marginal_kl": surgery.marginal_kl, "log_num_data": surgery.log_num_data}
+
+def _preset_parts(
+    latent: str = "vmf",
+    latent_dim: int = 10,
+    input_dim: int = 784,
+    hidden_dims: Sequence[int] = (256, 128),
+    *,
+    flow: str | None = None,
+    num_flows: int = 16,
+    prior: str | None = None,
+    num_pseudo_inputs: int = 500,
+    pseudo_input_init: str | Tensor = "normal",
+    pseudo_input_data: Tensor | None = None,
+    num_prior_components: int = 10,
+    num_prior_flows: int = 2,
+) -> dict:
+    """The parts of :meth:`VAE.preset`, checked."""
+    if latent not in _LATENTS:
+        raise ValueError(f"latent must be one of {_LATENTS}, got {latent!r}")
+    prior = _PRIORS[latent][0] if prior is None else prior
+    if prior not in _PRIORS[latent]:
+        raise ValueError(f"prior must be one of {_PRIORS[latent]} for latent={latent!r}, "
+                         f"got {prior!r}")
+    if prior == "vamp" and flow is not None:
+        raise ValueError(f"prior='vamp' needs a posterior without flow (its mixture "
+                         f"evaluates q(z | u_k) at every z), got flow={flow!r}")
+    if flow is not None:
+        if flow not in _FLOWS:
+            raise ValueError(f"flow must be None or one of {_FLOWS}, got {flow!r}")
+        if latent != "normal":
+            raise ValueError(f"flow={flow!r} needs latent='normal' (posterior flows act on "
+                             f"R^d), got latent={latent!r}")
+        if num_flows < 1:
+            raise ValueError(f"num_flows must be positive, got {num_flows}")
+    if latent_dim < 1 or input_dim < 1 or not hidden_dims or min(hidden_dims) < 1:
+        raise ValueError(
+            f"latent_dim, input_dim and hidden_dims must be positive, got {latent_dim}, "
+            f"{input_dim}, {tuple(hidden_dims)}"
+        )
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip((input_dim, *hidden_dims[:-1]), hidden_dims, strict=True):
+        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+    family = VonMisesFisherLatent if latent == "vmf" else GaussianLatent
+    latent_part = family(hidden_dims[-1], latent_dim)
+    # An activation module of its own: DenseNN's default nn.ReLU() is one instance shared by
+    # every DenseNN (harmless here, but not if a user converts it to a PyroModule).
+    decoder = DenseNN(latent_part.event_size, list(reversed(hidden_dims)), [input_dim],
+                      nonlinearity=nn.ReLU())
+    prior_part = None
+    if prior == "vamp":
+        prior_part = VampPriorModule(num_pseudo_inputs, input_dim, init=pseudo_input_init,
+                                     data=pseudo_input_data)
+    elif prior == "mog":
+        prior_part = MixtureOfGaussiansPrior(latent_dim, num_prior_components)
+    elif prior == "flow":
+        prior_part = FlowPrior(latent_dim, num_prior_flows)
+    flows = None if flow is None else _make_flows(flow, latent_dim, hidden_dims[-1], num_flows)
+    return {"encoder": nn.Sequential(*layers), "latent": latent_part, "decoder": decoder,
+            "prior": prior_part, "flow": flows}
 
 
 class _PlanarHeads(nn.Module):
@@ -409,7 +540,8 @@ class _PlanarHeads(nn.Module):
 
 
 def _make_flows(kind: str, dim: int, context_dim: int, num_flows: int) -> list[nn.Module]:
-    """The conditional transform modules of a posterior flow (see :class:`VAE`)."""
+    """The conditional transform modules of a preset's posterior flow (see
+    :meth:`VAE.preset`)."""
     if kind == "planar":
         return [ConditionalPlanar(_PlanarHeads(dim, context_dim)) for _ in range(num_flows)]
     if kind == "iaf":
