@@ -2,6 +2,13 @@
 priors they can use, flow density models of images, and the networks they are built from
 (gated MLPs, PixelCNN decoders)."""
 
+from pyro_dgm.models.dequantization import (
+    BitsPerDim,
+    DequantizedImageFlow,
+    UniformDequantization,
+    VariationalDequantization,
+    evaluate_bits_per_dim,
+)
 from pyro_dgm.models.hvae import HierarchicalVAE, TwoStreamNet
 from pyro_dgm.models.image_flow import ImageFlow, glow, real_nvp
 from pyro_dgm.models.latents import GaussianLatent, VonMisesFisherLatent
@@ -13,6 +20,11 @@ from pyro_dgm.models.vae import VAE
 
 __all__ = [
     "VAE",
+    "BitsPerDim",
+    "DequantizedImageFlow",
+    "UniformDequantization",
+    "VariationalDequantization",
+    "evaluate_bits_per_dim",
     "FlowPrior",
     "GatedConv2d",
     "GatedDense",
