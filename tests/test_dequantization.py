@@ -20,14 +20,16 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 from pyro_dgm.models.dequantization import (
-    ConditionalMaskedAffineCoupling2d,
     DequantizedImageFlow,
     UniformDequantization,
     VariationalDequantization,
-    conditional_masked_affine_coupling2d,
     evaluate_bits_per_dim,
 )
 from pyro_dgm.models.image_flow import ImageFlow, real_nvp
+from pyro_dgm.transforms import (
+    ConditionalMaskedAffineCoupling2d,
+    conditional_masked_affine_coupling2d,
+)
 from pyro_dgm.transforms.image_logit import LogitPreprocessing
 
 ALPHA = 0.05

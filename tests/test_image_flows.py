@@ -12,6 +12,7 @@ import math
 import pyro
 import pytest
 import torch
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer import Trace_ELBO
 from torch.autograd.functional import jacobian
@@ -19,7 +20,12 @@ from torch.autograd.functional import jacobian
 from pyro_dgm.models.image_flow import ImageFlow, glow, real_nvp
 from pyro_dgm.transforms.image_actnorm import ActNorm, act_norm
 from pyro_dgm.transforms.image_conv1x1 import InvertibleConv1x1, invertible_conv1x1
-from pyro_dgm.transforms.image_coupling import MaskedAffineCoupling2d, masked_affine_coupling2d
+from pyro_dgm.transforms.image_coupling import (
+    ConditionedMaskedAffineCoupling2d,
+    MaskedAffineCoupling2d,
+    conditional_masked_affine_coupling2d,
+    masked_affine_coupling2d,
+)
 from pyro_dgm.transforms.image_logit import LogitPreprocessing, logit_preprocessing
 from pyro_dgm.transforms.image_multiscale import FactorOut, Squeeze2d
 
@@ -27,6 +33,7 @@ B = 3  # batch size
 SHAPE = (2, 4, 4)  # (C, H, W) of the single transforms
 FLOW_SHAPE = (1, 4, 4)  # of the whole flows
 HIDDEN = 8  # coupling networks' width
+CONTEXT = 3  # channels of the conditional couplings' context
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -34,6 +41,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 def _coupling(channels: int, mask: str, invert: bool = False) -> MaskedAffineCoupling2d:
     return masked_affine_coupling2d(channels, mask, invert, hidden_channels=HIDDEN)
+
+
+def _conditional_coupling(channels: int, mask: str, invert: bool = False):
+    return conditional_masked_affine_coupling2d(channels, CONTEXT, mask, invert,
+                                                hidden_channels=HIDDEN)
 
 
 # name -> (builder, image shape)
@@ -44,6 +56,11 @@ CASES = {
     "coupling-checkerboard-inverted": (lambda: _coupling(2, "checkerboard", True), SHAPE),
     "coupling-channel": (lambda: _coupling(2, "channel"), SHAPE),
     "coupling-channel-inverted": (lambda: _coupling(2, "channel", True), SHAPE),
+    # conditioned by _transform on a fixed context (F, H, W), shared by every image
+    "conditional-coupling-checkerboard": (lambda: _conditional_coupling(2, "checkerboard"),
+                                          SHAPE),
+    "conditional-coupling-channel-inverted": (
+        lambda: _conditional_coupling(2, "channel", True), SHAPE),
     "squeeze": (lambda: Squeeze2d(), SHAPE),
     "unsqueeze": (lambda: Squeeze2d().inv, (8, 2, 2)),
     "logit": (lambda: logit_preprocessing(0.05), SHAPE),
@@ -80,6 +97,18 @@ def _randomize(module: object, seed: int = 0, std: float = 0.5) -> None:
                 submodule.initialized.fill_(True)
 
 
+def _transform(built: object, seed: int = 0):
+    """A case's transform: ``built`` itself, or a conditional module conditioned on a context
+    ``(CONTEXT, H, W)`` drawn from ``seed``, in the dtype and on the device of its parameters."""
+    if not isinstance(built, ConditionalTransformModule):
+        return built
+    like = built.log_scale_factor
+    generator = torch.Generator().manual_seed(seed + 200)
+    context = torch.randn(CONTEXT, *SHAPE[1:], generator=generator, dtype=torch.float64,
+                          device="cpu")
+    return built.condition(context.to(like))
+
+
 def _build(name: str, seed: int = 0):
     """The transform of a case in float64, randomised."""
     torch.manual_seed(seed)
@@ -87,7 +116,7 @@ def _build(name: str, seed: int = 0):
     if isinstance(transform, torch.nn.Module):
         transform.double()
     _randomize(transform, seed)
-    return transform
+    return _transform(transform, seed)
 
 
 def _inputs(shape: tuple[int, ...], seed: int = 0, batch: tuple[int, ...] = (B,)) -> torch.Tensor:
@@ -164,9 +193,10 @@ def test_batch_and_sample_shapes(name):
 @pytest.mark.parametrize("name", CASES)
 def test_construction_and_forward_on_meta_device(name):
     with torch.device("meta"):
-        transform = CASES[name][0]()
-    if isinstance(transform, torch.nn.Module):
-        assert all(p.is_meta for p in transform.parameters())
+        built = CASES[name][0]()
+        transform = _transform(built)
+    if isinstance(built, torch.nn.Module):
+        assert all(p.is_meta for p in built.parameters())
     x = torch.empty(2, B, *CASES[name][1], device="meta")
     y = transform(x)
     assert y.is_meta and y.shape == transform.forward_shape(x.shape)
@@ -197,7 +227,7 @@ def test_device_matches_cpu(name, device):
 
 def test_image_transforms_declare_event_dim_three():
     for name, (builder, _) in CASES.items():
-        transform = builder()
+        transform = _transform(builder())
         assert transform.domain.event_dim == 3, name
         assert transform.codomain.event_dim == 3, name
         assert transform.bijective, name
@@ -314,11 +344,49 @@ def test_coupling_keeps_the_conditioning_entries_and_calls_its_network_once(name
     assert not torch.allclose((1 - mask) * y, (1 - mask) * x)
 
 
+@pytest.mark.parametrize("mask", ["checkerboard", "channel"])
+def test_conditional_coupling_with_a_context_it_ignores_is_the_plain_coupling(mask):
+    # one map for the triple: the conditional coupling's network reading the context through
+    # zero weights, and otherwise the plain coupling's weights, gives the plain coupling
+    plain = _build("coupling-checkerboard" if mask == "checkerboard" else "coupling-channel")
+    assert isinstance(plain, ConditionedMaskedAffineCoupling2d)
+    conditional = _conditional_coupling(2, mask).double()
+    with torch.no_grad():
+        conditional.log_scale_factor.copy_(plain.log_scale_factor)
+        for mine, theirs in zip(conditional.hypernet.net, plain.hypernet):
+            if isinstance(mine, torch.nn.Conv2d):
+                mine.weight.zero_()
+                mine.weight[:, :theirs.in_channels].copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+    context = torch.randn(B, CONTEXT, *SHAPE[1:], dtype=torch.float64)
+    conditioned = conditional.condition(context)
+    x = _inputs(SHAPE)
+    y = plain(x)
+    assert not torch.allclose(y, x)
+    torch.testing.assert_close(conditioned(x.clone()), y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conditioned.log_abs_det_jacobian(x.clone(), y),
+                               plain.log_abs_det_jacobian(x, y), rtol=0, atol=1e-12)
+    torch.testing.assert_close(conditioned.inv(y.clone()), x, rtol=0, atol=1e-12)
+    # the context is read: another context changes the map
+    moved = _conditional_coupling(2, mask).double()
+    moved.load_state_dict(conditional.state_dict())
+    with torch.no_grad():
+        moved.hypernet.net[0].weight[:, 2:].normal_()
+    assert not torch.allclose(moved.condition(context)(x.clone()), y)
+
+
 def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="mask"):
         masked_affine_coupling2d(2, "stripes")
     with pytest.raises(ValueError, match="channels"):
         masked_affine_coupling2d(1, "channel")
+    with pytest.raises(ValueError, match="mask"):
+        conditional_masked_affine_coupling2d(2, CONTEXT, "stripes")
+    with pytest.raises(ValueError, match="channels"):
+        ConditionedMaskedAffineCoupling2d(1, torch.nn.Identity(), "channel")
+    with pytest.raises(ValueError, match="channels"):
+        _conditional_coupling(2, "checkerboard").condition(torch.zeros(CONTEXT, 4, 4))(
+            torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="channels"):
         ActNorm(0)
     with pytest.raises(ValueError, match="channels"):

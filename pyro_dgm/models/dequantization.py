@@ -36,12 +36,9 @@ from __future__ import annotations
 
 __all__ = [
     "BitsPerDim",
-    "ConditionalMaskedAffineCoupling2d",
-    "ConditionedMaskedAffineCoupling2d",
     "DequantizedImageFlow",
     "UniformDequantization",
     "VariationalDequantization",
-    "conditional_masked_affine_coupling2d",
     "evaluate_bits_per_dim",
 ]
 
@@ -52,18 +49,17 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
-from torch.distributions import AffineTransform, SigmoidTransform, Transform
+from torch.distributions import AffineTransform, SigmoidTransform
 from tqdm.auto import tqdm
 
 from pyro_dgm.infer._sites import guess_max_plate_nesting
 from pyro_dgm.infer.evaluation import importance_log_likelihood
-from pyro_dgm.transforms.image_base import check_image, real_image
+from pyro_dgm.transforms.image_base import check_image, check_image_shape
+from pyro_dgm.transforms.image_coupling import conditional_masked_affine_coupling2d
 
 #: The number of intensity levels of 8-bit images.
 LEVELS = 256
-_MASKS = ("checkerboard", "channel")
 
 
 class _ClosedUnitUniform(dist.Uniform):
@@ -82,221 +78,6 @@ def _unit_cube(like: Tensor) -> dist.TorchDistribution:
     ``like.shape[:-3]``, event shape ``like.shape[-3:]``."""
     return _ClosedUnitUniform(like.new_zeros(()), like.new_ones(())).expand(
         like.shape).to_event(3)
-
-
-def _check_mask(mask: str, channels: int) -> None:
-    if mask not in _MASKS:
-        raise ValueError(f"mask must be one of {_MASKS}, got {mask!r}")
-    minimum = 2 if mask == "channel" else 1
-    if channels < minimum:
-        raise ValueError(f"channels must be at least {minimum} with mask={mask!r}, "
-                         f"got {channels}")
-
-
-def _mask(like: Tensor, mask: str, invert_mask: bool) -> Tensor:
-    """Real NVP's mask :math:`\\mathbf{b}` (1 on the conditioning entries) for images shaped
-    like ``like``, broadcastable to ``(C, H, W)``, in its dtype and on its device."""
-    channels, height, width = like.shape[-3:]
-    if mask == "checkerboard":
-        rows = torch.arange(height, device=like.device)
-        cols = torch.arange(width, device=like.device)
-        on = ((rows[:, None] + cols) % 2 == int(invert_mask)).unsqueeze(0)
-    else:
-        on = (torch.arange(channels, device=like.device) < channels // 2)[:, None, None]
-        on = on ^ invert_mask
-    return on.to(like.dtype)
-
-
-class ConditionedMaskedAffineCoupling2d(Transform):
-    r"""The affine coupling of :class:`~pyro_dgm.transforms.MaskedAffineCoupling2d` with a
-    network that also sees a context (fixed here; :class:`ConditionalMaskedAffineCoupling2d`
-    builds this transform from a context):
-
-    .. math::
-
-        \mathbf{y} = \mathbf{b} \odot \mathbf{x} + (1 - \mathbf{b}) \odot
-        \bigl(\mathbf{x} \odot e^{\mathbf{s}} + \mathbf{t}\bigr), \qquad
-        \mathbf{s} = \boldsymbol{\rho} \odot \tanh \tilde{\mathbf{s}}, \qquad
-        (\mathbf{t}, \tilde{\mathbf{s}}) = \mathrm{NN}(\mathbf{b} \odot \mathbf{x},
-        \mathbf{h}),
-
-    :math:`\log \lvert \det J \rvert = \sum (1 - \mathbf{b}) \odot \mathbf{s}`, on images
-    ``(..., C, H, W)`` (``event_dim = 3``), in the normalizing direction (data to noise), with
-    :math:`\mathbf{h}` the context. Flow++ [1, Sec. 3.2] conditions its dequantizing flow's
-    couplings this way, on features of the image being dequantized.
-
-    :param channels: :math:`C`.
-    :type channels: int
-    :param hypernet: the network with the context fixed, e.g.
-        ``functools.partial(net, context=h)``: maps the masked input ``(..., C, H, W)`` to
-        ``(..., 2 C, H, W)``, the shift :math:`\mathbf{t}` then :math:`\tilde{\mathbf{s}}`
-        along the channels.
-    :type hypernet: Callable[[Tensor], Tensor]
-    :param mask: ``"checkerboard"`` or ``"channel"`` (as in
-        :class:`~pyro_dgm.transforms.MaskedAffineCoupling2d`).
-    :type mask: str
-    :param invert_mask: whether to swap the roles of the two halves.
-    :type invert_mask: bool
-    :param log_scale_factor: :math:`\boldsymbol{\rho}`, shape ``(C, 1, 1)``; ``None`` for 1.
-    :type log_scale_factor: Tensor or None
-    :raises ValueError: for an unknown ``mask``, ``channels < 2`` with ``mask="channel"``, or
-        an input not of shape ``(..., C, H, W)``.
-
-    References:
-
-    1. J\. Ho, X. Chen, A. Srinivas, Y. Duan, P. Abbeel, "Flow++: Improving Flow-Based
-       Generative Models with Variational Dequantization and Architecture Design", ICML 2019.
-    """
-
-    domain = real_image
-    codomain = real_image
-    bijective = True
-
-    def __init__(
-        self,
-        channels: int,
-        hypernet: Callable[[Tensor], Tensor],
-        mask: str = "checkerboard",
-        invert_mask: bool = False,
-        log_scale_factor: Tensor | None = None,
-    ) -> None:
-        super().__init__(cache_size=1)
-        _check_mask(mask, channels)
-        self.channels = channels
-        self.hypernet = hypernet
-        self.mask_type = mask
-        self.invert_mask = invert_mask
-        self.log_scale_factor = log_scale_factor
-        self._cached_ladj: tuple[Tensor, Tensor] | None = None  # (input x, log|det J| at x)
-
-    def _shift_and_log_scale(self, x_or_y: Tensor) -> tuple[Tensor, Tensor]:
-        check_image(x_or_y, self.channels)
-        mask = _mask(x_or_y, self.mask_type, self.invert_mask)
-        shift, raw = self.hypernet(mask * x_or_y).chunk(2, dim=-3)
-        log_scale = torch.tanh(raw)
-        if self.log_scale_factor is not None:
-            log_scale = self.log_scale_factor * log_scale
-        free = 1 - mask
-        return free * shift, free * log_scale
-
-    def _call(self, x: Tensor) -> Tensor:
-        shift, log_scale = self._shift_and_log_scale(x)
-        self._cached_ladj = x, log_scale.sum((-3, -2, -1))
-        return x * log_scale.exp() + shift
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        shift, log_scale = self._shift_and_log_scale(y)
-        x = (y - shift) * torch.exp(-log_scale)
-        self._cached_ladj = x, log_scale.sum((-3, -2, -1))
-        return x
-
-    def clear_cache(self) -> None:
-        super().clear_cache()
-        self._cached_ladj = None
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        """:math:`\\sum (1 - \\mathbf{b}) \\odot \\mathbf{s}`, of shape ``x.shape[:-3]``."""
-        if self._cached_ladj is not None and self._cached_ladj[0] is x:
-            return self._cached_ladj[1]
-        return self._shift_and_log_scale(x)[1].sum((-3, -2, -1))
-
-
-class _ContextCouplingNet(nn.Module):
-    """Glow's coupling network on the masked input and the context stacked along the
-    channels: 3x3 convolution, ReLU, 1x1 convolution, ReLU, zero-initialised 3x3 convolution
-    to ``2 * channels``."""
-
-    def __init__(self, channels: int, context_channels: int, hidden_channels: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels + context_channels, hidden_channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(hidden_channels, hidden_channels, 1),
-            nn.ReLU(),
-            nn.Conv2d(hidden_channels, 2 * channels, 3, padding=1),
-        )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, masked: Tensor, context: Tensor) -> Tensor:
-        """``masked`` ``(..., C, H, W)``, ``context`` ``(..., F, H, W)`` with leading
-        dimensions that broadcast to those of ``masked`` (a batch ``(B,)`` against particles
-        ``(S, B)``); returns ``(..., 2 C, H, W)``."""
-        leading = masked.shape[:-3]
-        context = context.expand(*leading, *context.shape[-3:])
-        inputs = torch.cat([masked, context], dim=-3)
-        out = self.net(inputs.reshape(-1, *inputs.shape[-3:]))
-        return out.reshape(*leading, *out.shape[-3:])
-
-
-class ConditionalMaskedAffineCoupling2d(ConditionalTransformModule):
-    r"""An image affine coupling whose network also reads a context:
-    ``condition(context)`` returns the :class:`ConditionedMaskedAffineCoupling2d` with that
-    context, :math:`\mathbf{h}` of shape ``(..., F, H, W)`` (the spatial size of the images).
-
-    :param channels: :math:`C`.
-    :type channels: int
-    :param hypernet: called as ``hypernet(masked, context)``, mapping ``(..., C, H, W)`` and
-        ``(..., F, H, W)`` to ``(..., 2 C, H, W)``; e.g. the network built by
-        :func:`conditional_masked_affine_coupling2d`.
-    :type hypernet: torch.nn.Module
-    :param mask: ``"checkerboard"`` or ``"channel"``.
-    :type mask: str
-    :param invert_mask: whether to swap the roles of the two halves.
-    :type invert_mask: bool
-    :raises ValueError: as :class:`ConditionedMaskedAffineCoupling2d`.
-    """
-
-    def __init__(self, channels: int, hypernet: nn.Module, mask: str = "checkerboard",
-                 invert_mask: bool = False) -> None:
-        super().__init__()
-        _check_mask(mask, channels)
-        self.channels = channels
-        self.hypernet = hypernet
-        self.mask_type = mask
-        self.invert_mask = invert_mask
-        #: :math:`\boldsymbol{\rho}`, shape ``(C, 1, 1)``, initially 1
-        self.log_scale_factor = nn.Parameter(torch.ones(channels, 1, 1))
-
-    def condition(self, context: Tensor) -> ConditionedMaskedAffineCoupling2d:
-        """The coupling with the context :math:`\\mathbf{h}` = ``context``."""
-
-        def hypernet(masked: Tensor) -> Tensor:
-            return self.hypernet(masked, context)
-
-        return ConditionedMaskedAffineCoupling2d(self.channels, hypernet, self.mask_type,
-                                                 self.invert_mask, self.log_scale_factor)
-
-
-def conditional_masked_affine_coupling2d(
-    channels: int,
-    context_channels: int,
-    mask: str = "checkerboard",
-    invert_mask: bool = False,
-    hidden_channels: int = 32,
-) -> ConditionalMaskedAffineCoupling2d:
-    """Build a :class:`ConditionalMaskedAffineCoupling2d`, in the manner of Pyro's helpers,
-    with Glow's coupling network on the masked input and the context stacked along the
-    channels, its last layer zero-initialised (the coupling starts as the identity).
-
-    :param channels: :math:`C`.
-    :type channels: int
-    :param context_channels: :math:`F`, the channels of the context.
-    :type context_channels: int
-    :param mask: ``"checkerboard"`` or ``"channel"``.
-    :type mask: str
-    :param invert_mask: whether to swap the roles of the two halves.
-    :type invert_mask: bool
-    :param hidden_channels: the width of the network's hidden layers.
-    :type hidden_channels: int
-    :raises ValueError: as :class:`ConditionalMaskedAffineCoupling2d`, or for a
-        non-positive ``context_channels`` or ``hidden_channels``.
-    """
-    if context_channels < 1 or hidden_channels < 1:
-        raise ValueError("context_channels and hidden_channels must be positive, got "
-                         f"{context_channels} and {hidden_channels}")
-    net = _ContextCouplingNet(channels, context_channels, hidden_channels)
-    return ConditionalMaskedAffineCoupling2d(channels, net, mask, invert_mask)
 
 
 class UniformDequantization(nn.Module):
@@ -329,9 +110,10 @@ class VariationalDequantization(nn.Module):
 
     with :math:`v = \operatorname{logit} u`, :math:`\log \sigma'(v) = -\operatorname{softplus}
     (-v) - \operatorname{softplus}(v)`, and :math:`g_k = c_L \circ \cdots \circ c_1`
-    ``num_couplings`` :class:`ConditionalMaskedAffineCoupling2d` (normalizing direction),
-    conditioned on the features :math:`\mathbf{h}(k)` of a small convolutional network (two
-    3x3 convolutions with ReLUs on :math:`k / 127.5 - 1`), as Flow++ conditions its
+    ``num_couplings`` :class:`~pyro_dgm.transforms.ConditionalMaskedAffineCoupling2d`
+    (normalizing direction), conditioned on the features :math:`\mathbf{h}(k)` of a small
+    convolutional network (two 3x3 convolutions with ReLUs on :math:`k / 127.5 - 1`), as
+    Flow++ conditions its
     dequantizing flow on features of :math:`k`. Masks: checkerboard of alternating parity;
     with :math:`C \ge 2`, alternating with channel-wise masks. Each coupling starts as the
     identity, so :math:`q` starts as a logit-normal.
@@ -361,17 +143,13 @@ class VariationalDequantization(nn.Module):
     def __init__(self, image_shape: Sequence[int], num_couplings: int = 4,
                  hidden_channels: int = 32, context_channels: int = 16) -> None:
         super().__init__()
-        shape = tuple(image_shape)
-        if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
-            raise ValueError(f"image_shape must be three positive integers (C, H, W), "
-                             f"got {shape}")
+        self.image_shape = check_image_shape(image_shape)
         for name, value in (("num_couplings", num_couplings),
                             ("hidden_channels", hidden_channels),
                             ("context_channels", context_channels)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-        self.image_shape = torch.Size(shape)
-        channels = shape[0]
+        channels = self.image_shape[0]
         self.features = nn.Sequential(
             nn.Conv2d(channels, context_channels, 3, padding=1),
             nn.ReLU(),

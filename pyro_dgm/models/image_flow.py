@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributions import Transform
 
 from pyro_dgm.transforms.image_actnorm import ActNorm
-from pyro_dgm.transforms.image_base import clear_caches
+from pyro_dgm.transforms.image_base import check_image_shape, clear_caches
 from pyro_dgm.transforms.image_conv1x1 import InvertibleConv1x1
 from pyro_dgm.transforms.image_coupling import masked_affine_coupling2d
 from pyro_dgm.transforms.image_logit import LogitPreprocessing
@@ -107,7 +107,7 @@ class ImageFlow(nn.Module):
 
     def __init__(self, image_shape: Sequence[int], transforms: Sequence[Transform]) -> None:
         super().__init__()
-        self.image_shape = _check_image_shape(image_shape)
+        self.image_shape = check_image_shape(image_shape)
         #: :math:`f`, data to latent, a
         #: :class:`~pyro.distributions.transforms.ComposeTransformModule`
         self.transform = ComposeTransformModule(list(transforms))
@@ -147,13 +147,6 @@ class ImageFlow(nn.Module):
         """Empty the one-entry caches of the transforms and of those nested in them;
         :meth:`forward` does it first."""
         clear_caches(self.transform)
-
-
-def _check_image_shape(image_shape: Sequence[int]) -> torch.Size:
-    shape = tuple(image_shape)
-    if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
-        raise ValueError(f"image_shape must be three positive integers (C, H, W), got {shape}")
-    return torch.Size(shape)
 
 
 def _check_divisible(image_shape: torch.Size, times: int, argument: str) -> None:
@@ -201,7 +194,7 @@ def real_nvp(
 
     1. L\. Dinh, J. Sohl-Dickstein, S. Bengio, "Density estimation using Real NVP", ICLR 2017.
     """
-    shape = _check_image_shape(image_shape)
+    shape = check_image_shape(image_shape)
     if num_scales < 1:
         raise ValueError(f"num_scales must be at least 1, got {num_scales}")
     _check_divisible(shape, num_scales - 1, f"num_scales={num_scales}")
@@ -270,7 +263,7 @@ def glow(
     1. D. P. Kingma, P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
        NeurIPS 2018.
     """
-    shape = _check_image_shape(image_shape)
+    shape = check_image_shape(image_shape)
     if num_levels < 1:
         raise ValueError(f"num_levels must be at least 1, got {num_levels}")
     if num_steps < 1:

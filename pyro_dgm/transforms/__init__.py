@@ -20,7 +20,9 @@ name.
 
 Image flows act on tensors of shape ``(..., C, H, W)`` (``event_dim = 3``), written from data to
 latent as in the papers: :class:`ActNorm`, :class:`InvertibleConv1x1` (Glow, Kingma & Dhariwal
-2018), :class:`MaskedAffineCoupling2d` with checkerboard and channel-wise masks,
+2018), :class:`MaskedAffineCoupling2d` with checkerboard and channel-wise masks (with
+:class:`ConditionedMaskedAffineCoupling2d` and :class:`ConditionalMaskedAffineCoupling2d`, whose
+network also reads a context, as in Flow++'s variational dequantization, Ho et al. 2019),
 :class:`Squeeze2d` and :class:`FactorOut` (Real NVP, Dinh et al. 2017), and
 :class:`LogitPreprocessing`. Pyro's vector :class:`~pyro.distributions.transforms.AffineCoupling`
 keeps its name and meaning.
@@ -36,7 +38,13 @@ from .householder import (
 )
 from .image_actnorm import ActNorm, act_norm
 from .image_conv1x1 import InvertibleConv1x1, invertible_conv1x1
-from .image_coupling import MaskedAffineCoupling2d, masked_affine_coupling2d
+from .image_coupling import (
+    ConditionalMaskedAffineCoupling2d,
+    ConditionedMaskedAffineCoupling2d,
+    MaskedAffineCoupling2d,
+    conditional_masked_affine_coupling2d,
+    masked_affine_coupling2d,
+)
 from .image_logit import LogitPreprocessing, logit_preprocessing
 from .image_multiscale import FactorOut, Squeeze2d
 from .sylvester import (
@@ -59,34 +67,37 @@ from .sylvester import (
 
 __all__ = [
     "ActNorm",
-    "FactorOut",
-    "InvertibleConv1x1",
-    "LogitPreprocessing",
-    "MaskedAffineCoupling2d",
-    "Squeeze2d",
-    "act_norm",
-    "invertible_conv1x1",
-    "logit_preprocessing",
-    "masked_affine_coupling2d",
     "ConditionalHouseholder",
     "ConditionalHouseholderSylvester",
+    "ConditionalMaskedAffineCoupling2d",
     "ConditionalOrthogonalSylvester",
     "ConditionalTriangularSylvester",
     "ConditionedHouseholder",
     "ConditionedHouseholderSylvester",
+    "ConditionedMaskedAffineCoupling2d",
     "ConditionedOrthogonalSylvester",
     "ConditionedTriangularSylvester",
+    "FactorOut",
     "Householder",
     "HouseholderChainNN",
     "HouseholderSylvester",
+    "InvertibleConv1x1",
+    "LogitPreprocessing",
+    "MaskedAffineCoupling2d",
     "OrthogonalSylvester",
+    "Squeeze2d",
     "TriangularSylvester",
+    "act_norm",
     "conditional_householder",
     "conditional_householder_sylvester",
+    "conditional_masked_affine_coupling2d",
     "conditional_orthogonal_sylvester",
     "conditional_triangular_sylvester",
     "householder",
     "householder_sylvester",
+    "invertible_conv1x1",
+    "logit_preprocessing",
+    "masked_affine_coupling2d",
     "orthogonal_sylvester",
     "triangular_sylvester",
 ]

@@ -8,8 +8,11 @@ papers (data to latent); a :class:`~pyro.distributions.TransformedDistribution` 
 
 from __future__ import annotations
 
-__all__ = ["check_image", "clear_caches", "real_image"]
+__all__ = ["check_image", "check_image_shape", "clear_caches", "real_image"]
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 from torch.distributions import ComposeTransform, Transform, constraints
 from torch.distributions.transforms import _InverseTransform
@@ -27,6 +30,15 @@ def check_image(x: Tensor, channels: int | None = None) -> None:
         raise ValueError(
             f"expected {channels} channels in shape (..., C, H, W), got shape {tuple(x.shape)}"
         )
+
+
+def check_image_shape(image_shape: Sequence[int]) -> torch.Size:
+    """``image_shape`` as a :class:`torch.Size` ``(C, H, W)``; raise :class:`ValueError` unless
+    it is three positive integers."""
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"image_shape must be three positive integers (C, H, W), got {shape}")
+    return torch.Size(shape)
 
 
 def clear_caches(transform: Transform) -> None:
