@@ -28,7 +28,7 @@ from pyro_dgm.experiments import (
     ExampleParser, evaluate_vae, fit, format_table, run_until_interrupted, save_results,
     seed_everything, static_mnist,
 )
-from pyro_dgm.experiments.plotting import save_reconstructions, save_samples
+from pyro_dgm.experiments.plotting import vae_pictures
 from pyro_dgm.infer import OBJECTIVES, dataset_elbo, make_objective
 from pyro_dgm.models import VAE
 
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {"config": vars(args), "data": data.source, "run_id": result.run_id,
                "best_epoch": result.best_epoch, "history": result.history, "test": test}
     title = f"VAE, {args.flow} posterior flow"
-    pictures = {
-        "samples.png": lambda path: save_samples(vae, data.test, path, f"{title}: samples"),
-        "reconstructions.png": lambda path: save_reconstructions(
-            vae, data.test, path, f"{title}: test images and reconstructions"),
-    }
+    pictures = vae_pictures(vae, data.test, title)
     written = save_results(args.out, metrics, pictures)
     print(f"saved {', '.join(written)} in {args.out}")
     return metrics

@@ -36,7 +36,7 @@ from pyro_dgm.experiments import (
     save_results,
     seed_everything,
 )
-from pyro_dgm.experiments.plotting import save_image_grid, save_reconstructions, save_samples
+from pyro_dgm.experiments.plotting import vae_pictures
 from pyro_dgm.infer import dataset_elbo, make_objective
 from pyro_dgm.models import VAE, HierarchicalVAE
 
@@ -149,15 +149,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     metrics = {"config": vars(args), "data": data.source, "run_id": result.run_id,
                "best_epoch": result.best_epoch, "history": result.history, "test": test,
                "training_seconds": seconds}
-    pictures = {
-        "samples.png": lambda path: save_samples(hvae, data.test, path, f"{name}: samples"),
-        "reconstructions.png": lambda path: save_reconstructions(
-            hvae, data.test, path, f"{name}: test images and reconstructions"),
-    }
-    if args.prior == "vamp":
-        pictures["pseudo_inputs.png"] = lambda path: save_image_grid(
-            hvae.prior_module.pseudo_inputs[:100], path, "100 learned pseudo-inputs, each "
-            "rescaled to its own range", nrow=10, rescale=True)
+    pictures = vae_pictures(hvae, data.test, name, hvae.prior_module.pseudo_inputs
+                            if args.prior == "vamp" else None)
     written = save_results(args.out, metrics, pictures)
     print(f"saved {', '.join(written)} in {args.out}")
     return metrics

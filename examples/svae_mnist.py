@@ -23,7 +23,7 @@ from pyro_dgm.experiments import (
     Distributed, ExampleParser, dynamic_mnist, evaluate_vae, fit, format_table,
     latent_probe, run_until_interrupted, save_results, seed_everything,
 )
-from pyro_dgm.experiments.plotting import save_latent_scatter, save_reconstructions, save_samples
+from pyro_dgm.experiments.plotting import save_latent_scatter, vae_pictures
 from pyro_dgm.infer import OBJECTIVES, dataset_elbo, make_objective
 from pyro_dgm.models import VAE
 
@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     metrics = {"config": vars(args), "data": data.source, "run_id": result.run_id,
                "best_epoch": result.best_epoch, "history": result.history, "test": test}
     title = f"{name}, d = {args.latent_dim}"
-    pictures = {
-        "samples.png": lambda path: save_samples(vae, data.test, path, f"{title}: samples "
-                                                 "(Bernoulli means, z from the prior)"),
-        "reconstructions.png": lambda path: save_reconstructions(
-            vae, data.test, path, f"{title}: test images and reconstructions"),
-    }
+    pictures = vae_pictures(vae, data.test, title)
     if args.latent_dim == 2:
         pictures["latent.png"] = lambda path: save_latent_scatter(
             vae.posterior(data.test).mode, data.test_labels, path, f"{name}: posterior modes")

@@ -24,7 +24,7 @@ from pyro_dgm.experiments import (
     Distributed, ExampleParser, dynamic_mnist, evaluate_vae, fit, format_table,
     latent_probe, run_until_interrupted, save_results, seed_everything,
 )
-from pyro_dgm.experiments.plotting import save_image_grid, save_reconstructions, save_samples
+from pyro_dgm.experiments.plotting import vae_pictures
 from pyro_dgm.infer import OBJECTIVES, dataset_elbo, make_objective
 from pyro_dgm.models import VAE
 
@@ -102,15 +102,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     metrics = {"config": vars(args), "data": data.source, "run_id": result.run_id,
                "best_epoch": result.best_epoch, "history": result.history, "test": test}
     title = f"VAE, {args.latent} latents, {args.prior} prior"
-    pictures = {
-        "samples.png": lambda path: save_samples(vae, data.test, path, f"{title}: samples"),
-        "reconstructions.png": lambda path: save_reconstructions(
-            vae, data.test, path, f"{title}: test images and reconstructions"),
-    }
-    if args.prior == "vamp":
-        pictures["pseudo_inputs.png"] = lambda path: save_image_grid(
-            vae.prior_module.pseudo_inputs[:100], path, "100 learned pseudo-inputs, each "
-            "rescaled to its own range", nrow=10, rescale=True)
+    pictures = vae_pictures(vae, data.test, title, vae.prior_module.pseudo_inputs
+                            if args.prior == "vamp" else None)
     written = save_results(args.out, metrics, pictures)
     print(f"saved {', '.join(written)} in {args.out}")
     return metrics

@@ -3,13 +3,14 @@ imported when a picture is drawn)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 __all__ = ["save_image_grid", "save_latent_scatter", "save_reconstructions", "save_samples",
-           "spread"]
+           "spread", "vae_pictures"]
 
 
 def spread(count: int, size: int, device: torch.device | None = None) -> Tensor:
@@ -91,6 +92,24 @@ def save_reconstructions(model, images: Tensor, path: str | Path, title: str,
         labels += ["test images", "reconstructed"]
     return save_image_grid(torch.cat(pairs), path, title, image_shape=image_shape,
                            row_labels=labels)
+
+
+def vae_pictures(model, images: Tensor, title: str, pseudo_inputs: Tensor | None = None
+                 ) -> dict[str, Callable[[Path], Path]]:
+    """The pictures of a VAE example, as ``{file name: draw(path)}`` for
+    :func:`~pyro_dgm.experiments.save_results`: ``samples.png``, ``reconstructions.png`` of
+    ``images``, and with ``pseudo_inputs`` (a VampPrior's) ``pseudo_inputs.png`` of the first 100,
+    each rescaled to its own range."""
+    pictures = {
+        "samples.png": lambda path: save_samples(model, images, path, f"{title}: samples"),
+        "reconstructions.png": lambda path: save_reconstructions(
+            model, images, path, f"{title}: test images and reconstructions"),
+    }
+    if pseudo_inputs is not None:
+        pictures["pseudo_inputs.png"] = lambda path: save_image_grid(
+            pseudo_inputs[:100], path, "100 learned pseudo-inputs, each rescaled to its own "
+            "range", nrow=10, rescale=True)
+    return pictures
 
 
 def save_latent_scatter(points: Tensor, labels: Tensor, path: str | Path, title: str) -> Path:
