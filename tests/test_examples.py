@@ -44,6 +44,14 @@ def test_svae_example_trains_reports_and_resumes(latent, data_dir, tmp_path, mon
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     assert resumed["run_id"] == metrics["run_id"]
 
+    # the reproduction page's table is printed from the same metrics.json
+    runpy.run_path(str(EXAMPLES.parent / "tools" / "reproduction_table.py"))["main"]([str(out)])
+    table = capsys.readouterr().out
+    paper = "-132.50 / -133.72 / -126.43 / 7.28" if latent == "vmf" else "-135.73 / -137.08"
+    assert f"{'S' if latent == 'vmf' else 'N'}-VAE, d = 2" in table and paper in table
+    assert f"- {resumed['test']['log_likelihood']:.2f} (± " in table
+    assert f"- 2 ({resumed['best_epoch']})" in table
+
 
 def test_svae_example_with_validation_keeps_the_best_epoch(data_dir, tmp_path, monkeypatch,
                                                            capsys):
