@@ -31,8 +31,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_dgm.data import MinibatchLoader, load_mnist_or_fallback
 from pyro_dgm.experiments import (
-    Distributed, ExampleParser, fit, format_table, run_until_interrupted, save_results,
-    seed_everything,
+    ExampleParser, fit, format_table, run_until_interrupted, save_results, start_run,
 )
 from pyro_dgm.experiments.plotting import save_image_grid
 from pyro_dgm.models.dequantization import (
@@ -83,9 +82,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    distributed = Distributed.from_environment()
-    device = distributed.device(args.device)
-    seed_everything(args.seed, distributed.rank)
+    distributed, device = start_run(args)
     mnist = load_mnist_or_fallback(args.data_dir, fallback=not args.data_dir_given)
     generator = torch.Generator(device).manual_seed(args.seed) if distributed.active else None
     train = MinibatchLoader(mnist.train_images[:args.train_images], args.batch_size,

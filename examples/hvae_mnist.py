@@ -25,16 +25,15 @@ import functools
 import torch
 
 from pyro_dgm.experiments import (
-    Distributed,
     ExampleParser,
-    dynamic_mnist,
+    dynamic_mnist_from_args,
     evaluate_vae,
     fit,
     format_table,
     latent_report,
     run_until_interrupted,
     save_results,
-    seed_everything,
+    start_run,
 )
 from pyro_dgm.experiments.plotting import vae_pictures
 from pyro_dgm.infer import dataset_elbo, make_objective
@@ -96,13 +95,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    distributed = Distributed.from_environment()
-    device = distributed.device(args.device)
-    seed_everything(args.seed, distributed.rank)
-    data = dynamic_mnist(args.data_dir, batch_size=args.batch_size, valid_images=args.valid_images,
-                         train_images=args.train_images, test_images=args.test_images,
-                         seed=args.seed, device=device, fallback=not args.data_dir_given,
-                         distributed=distributed)
+    distributed, device = start_run(args)
+    data = dynamic_mnist_from_args(args, device, distributed)
     options = {"prior": "vamp" if args.prior == "vamp" else "fixed", "decoder": args.decoder,
                "pixelcnn_layers": args.pixelcnn_layers,
                "pixelcnn_channels": args.pixelcnn_channels,

@@ -21,8 +21,8 @@ import functools
 import torch
 
 from pyro_dgm.experiments import (
-    Distributed, ExampleParser, dynamic_mnist, evaluate_vae, fit, format_table,
-    latent_probe, run_until_interrupted, save_results, seed_everything,
+    ExampleParser, dynamic_mnist_from_args, evaluate_vae, fit, format_table, latent_probe,
+    run_until_interrupted, save_results, start_run,
 )
 from pyro_dgm.experiments.plotting import vae_pictures
 from pyro_dgm.infer import OBJECTIVES, dataset_elbo, make_objective
@@ -65,13 +65,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    distributed = Distributed.from_environment()
-    device = distributed.device(args.device)
-    seed_everything(args.seed, distributed.rank)
-    data = dynamic_mnist(args.data_dir, batch_size=args.batch_size, valid_images=args.valid_images,
-                         train_images=args.train_images, test_images=args.test_images,
-                         seed=args.seed, device=device, fallback=not args.data_dir_given,
-                         distributed=distributed)
+    distributed, device = start_run(args)
+    data = dynamic_mnist_from_args(args, device, distributed)
     vae = VAE(args.latent, args.latent_dim, hidden_dims=(300, 300), prior=args.prior,
               num_pseudo_inputs=args.num_pseudo_inputs, pseudo_input_init=args.pseudo_init,
               pseudo_input_data=data.train_images.flatten(1).float() / 255

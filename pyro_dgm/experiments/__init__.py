@@ -7,7 +7,14 @@ this: files, seeding, progress bars and process exits live here only.
 """
 
 from .checkpoints import load_checkpoint, save_checkpoint
-from .cli import ExampleParser, check_device, run_until_interrupted, seed_everything
+from .cli import (
+    ExampleParser,
+    check_device,
+    dynamic_mnist_from_args,
+    run_until_interrupted,
+    seed_everything,
+    start_run,
+)
 from .distributed import Distributed
 from .fit import (
     WARMUP_UNITS,
@@ -30,6 +37,7 @@ __all__ = [
     "TrainingInterrupted",
     "check_device",
     "dynamic_mnist",
+    "dynamic_mnist_from_args",
     "evaluate_vae",
     "fit",
     "format_table",
@@ -41,6 +49,7 @@ __all__ = [
     "save_checkpoint",
     "save_results",
     "seed_everything",
+    "start_run",
     "static_mnist",
     "train_epoch",
     "write_metrics",

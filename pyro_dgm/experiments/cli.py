@@ -11,11 +11,16 @@ from typing import Any
 
 import torch
 
+from .distributed import Distributed
+from .mnist import ImageData, dynamic_mnist
+
 __all__ = [
     "ExampleParser",
     "check_device",
+    "dynamic_mnist_from_args",
     "run_until_interrupted",
     "seed_everything",
+    "start_run",
 ]
 
 #: the data folder when ``--data-dir`` is not given: ``$PYRO_DGM_DATA_DIR``, else ``data``
@@ -194,6 +199,30 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
     pyro.set_rng_seed(seed + rank)
     pyro.enable_validation(False)
+
+
+def start_run(args: argparse.Namespace) -> tuple[Distributed, str]:
+    """Join the ``torchrun`` process group when launched by it, give this process its device
+    (``args.device``, one GPU per rank) and seed it with ``args.seed`` plus its rank.
+
+    :returns: ``(distributed, device)``.
+    """
+    distributed = Distributed.from_environment()
+    device = distributed.device(args.device)
+    seed_everything(args.seed, distributed.rank)
+    return distributed, device
+
+
+def dynamic_mnist_from_args(args: argparse.Namespace, device: str,
+                            distributed: Distributed) -> ImageData:
+    """:func:`~pyro_dgm.experiments.dynamic_mnist` with the options of
+    :meth:`ExampleParser.add_schedule_arguments` (``--batch-size``, ``--valid-images``),
+    :meth:`~ExampleParser.add_subset_arguments` and :meth:`~ExampleParser.add_run_arguments`
+    (``--data-dir``: a folder the user named must hold MNIST; ``--seed``)."""
+    return dynamic_mnist(args.data_dir, batch_size=args.batch_size,
+                         valid_images=args.valid_images, train_images=args.train_images,
+                         test_images=args.test_images, seed=args.seed, device=device,
+                         fallback=not args.data_dir_given, distributed=distributed)
 
 
 def run_until_interrupted(main: Callable[[], Any]) -> Any:
