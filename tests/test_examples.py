@@ -12,6 +12,7 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TOOLS = EXAMPLES.parent / "tools"
 
 
 def run_example(monkeypatch, *args, name="svae_mnist"):
@@ -45,7 +46,7 @@ def test_svae_example_trains_reports_and_resumes(latent, data_dir, tmp_path, mon
     assert resumed["run_id"] == metrics["run_id"]
 
     # the reproduction page's table is printed from the same metrics.json
-    runpy.run_path(str(EXAMPLES.parent / "tools" / "reproduction_table.py"))["main"]([str(out)])
+    runpy.run_path(str(TOOLS / "reproduction_table.py"))["main"]([str(out)])
     table = capsys.readouterr().out
     paper = "-132.50 / -133.72 / -126.43 / 7.28" if latent == "vmf" else "-135.73 / -137.08"
     assert f"{'S' if latent == 'vmf' else 'N'}-VAE, d = 2" in table and paper in table
@@ -66,6 +67,11 @@ def test_svae_example_with_validation_keeps_the_best_epoch(data_dir, tmp_path, m
     assert metrics["best_epoch"] in (1, 2)
     assert [h["kl_scale"] for h in metrics["history"]] == [1.0, 1.0]  # beta reaches 1 in epoch 1
     assert all("valid_score" in h for h in metrics["history"])
+
+    curves = tmp_path / "curves.png"  # the reproduction page's figure
+    runpy.run_path(str(TOOLS / "reproduction_table.py"))["main"]([str(out), "--curves",
+                                                                  str(curves)])
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ten_test_images_still_give_metrics_and_pictures(data_dir, tmp_path, monkeypatch):

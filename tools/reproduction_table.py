@@ -6,7 +6,11 @@ validation bound and the training time (the sum of the epochs' wall-clock second
 a run spent stopped between a checkpoint and ``--resume`` is not counted). The paper's figures
 are Davidson et al. (2018)'s MNIST table as the project's reference notes give it.
 
-    python tools/reproduction_table.py runs/paper/nvae_d10 runs/paper/svae_d10
+    python tools/reproduction_table.py runs/paper/nvae_d10 runs/paper/svae_d10 \
+        --curves docs/_static/reproduction/curves.png
+
+``--curves`` also draws each run's validation ELBO per epoch (matplotlib, the ``examples``
+extra), the best epoch marked.
 """
 
 from __future__ import annotations
@@ -48,14 +52,57 @@ def list_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(folders: list[Path], path: Path) -> None:
+    """The validation ELBO per epoch of each run (nats), its best epoch marked, into ``path``.
+
+    :raises ValueError: if no run has validation scores.
+    """
+    runs = [json.loads((folder / "metrics.json").read_text()) for folder in folders]
+    curves = [[epoch for epoch in run["history"] if "valid_score" in epoch] for run in runs]
+    scores = sorted(epoch["valid_score"] for curve in curves for epoch in curve)
+    if not scores:
+        raise ValueError("--curves: the runs have no validation scores (run with "
+                         "--valid-images)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    warmup = max(run["config"]["warmup_epochs"] for run in runs)
+    if warmup:
+        axes.axvspan(0, warmup, color="0.9", zorder=0, label="KL warm-up")
+    for folder, run, curve in zip(folders, runs, curves):
+        lines = axes.plot([epoch["epoch"] for epoch in curve],
+                          [epoch["valid_score"] for epoch in curve], lw=1, label=row(folder)[0])
+        best = [epoch["valid_score"] for epoch in curve if epoch["epoch"] == run["best_epoch"]]
+        axes.plot([run["best_epoch"]] * len(best), best, "o", color=lines[0].get_color())
+    axes.set_ylim(scores[len(scores) // 50], scores[-1] + 1)  # the first epochs' tail cut off
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation ELBO (nats)")
+    axes.set_title("MNIST, paper protocol: validation ELBO per epoch (dot: best epoch)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="--out folders of svae_mnist.py runs")
+    parser.add_argument("--curves", type=Path, help="also draw the validation curves into this "
+                                                      "PNG file")
     args = parser.parse_args(argv)
     missing = [str(folder) for folder in args.runs if not (folder / "metrics.json").is_file()]
     if missing:
         parser.error(f"runs: no metrics.json in {', '.join(missing)}")
     print(list_table([row(folder) for folder in args.runs]))
+    if args.curves:
+        try:
+            plot_curves(args.runs, args.curves)
+        except ValueError as error:
+            parser.error(str(error))
 
 
 if __name__ == "__main__":
