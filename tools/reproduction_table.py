@@ -21,9 +21,12 @@ from pathlib import Path
 
 #: Davidson et al. (2018), MNIST: (LL, ELBO, RE, KL) by latent and manifold dimension d.
 PAPER = {
-    ("normal", 2): (-135.73, -137.08, -129.84, 7.24), ("vmf", 2): (-132.50, -133.72, -126.43, 7.28),
-    ("normal", 5): (-110.21, -112.98, -100.16, 12.82), ("vmf", 5): (-108.43, -111.19, -97.84, 13.35),
-    ("normal", 10): (-93.84, -98.36, -78.93, 19.44), ("vmf", 10): (-93.16, -97.70, -77.03, 20.67),
+    ("normal", 2): (-135.73, -137.08, -129.84, 7.24),
+    ("vmf", 2): (-132.50, -133.72, -126.43, 7.28),
+    ("normal", 5): (-110.21, -112.98, -100.16, 12.82),
+    ("vmf", 5): (-108.43, -111.19, -97.84, 13.35),
+    ("normal", 10): (-93.84, -98.36, -78.93, 19.44),
+    ("vmf", 10): (-93.16, -97.70, -77.03, 20.67),
 }
 HEADER = ["model", "ours: LL (± SE) / ELBO / RE / KL", "paper: LL / ELBO / RE / KL",
           "epochs (best)", "training time", "test LL time"]
@@ -72,7 +75,7 @@ def plot_curves(folders: list[Path], path: Path) -> None:
     warmup = max(run["config"]["warmup_epochs"] for run in runs)
     if warmup:
         axes.axvspan(0, warmup, color="0.9", zorder=0, label="KL warm-up")
-    for folder, run, curve in zip(folders, runs, curves):
+    for folder, run, curve in zip(folders, runs, curves, strict=True):
         lines = axes.plot([epoch["epoch"] for epoch in curve],
                           [epoch["valid_score"] for epoch in curve], lw=1, label=row(folder)[0])
         best = [epoch["valid_score"] for epoch in curve if epoch["epoch"] == run["best_epoch"]]
