@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--out", default="runs/flow_2d_kl", help="folder for the figure")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "layers", "hidden", "eval_samples"):
-        value = getattr(args, name)
-        parser.require(value >= 1, f"--{name.replace('_', '-')}", "a positive integer", value)
+    parser.require_counts(args, ("steps", "batch_size", "layers", "hidden", "eval_samples"))
     seed_everything(args.seed)
     target = ring_of_gaussians(args.device)
     fits = {kind: Flow2d(args.layers, args.hidden).to(args.device)

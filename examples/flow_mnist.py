@@ -73,10 +73,8 @@ def parse_args(argv: list[str] | None = None):
     for name in ("levels", "hidden_channels"):  # the paper preset differs between the flows
         if isinstance(getattr(args, name), dict):
             setattr(args, name, getattr(args, name)[args.flow])
-    for name in ("train_images", "test_images", "levels", "steps", "hidden_channels",
-                 "dequantizer_channels"):
-        value = getattr(args, name)
-        parser.require(value >= 1, f"--{name.replace('_', '-')}", "a positive number", value)
+    parser.require_counts(args, ("train_images", "test_images", "levels", "steps",
+                                 "hidden_channels", "dequantizer_channels"))
     return args
 
 

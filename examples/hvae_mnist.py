@@ -82,14 +82,10 @@ def parse_args(argv: list[str] | None = None):
                              "(0: none)")
     parser.add_run_arguments(out="runs/hvae_mnist")
     args = parser.parse_args(argv)
-    for name in ("pixelcnn_layers", "pixelcnn_channels"):
-        value = getattr(args, name)
-        parser.require(value >= 1, f"--{name.replace('_', '-')}", "a positive integer", value)
+    parser.require_counts(args, ("pixelcnn_layers", "pixelcnn_channels"))
     parser.require(min(args.latent_dims) >= 1, "--latent-dims", "two positive integers",
                    args.latent_dims)
-    for name in ("probe_images", "free_bits"):
-        value = getattr(args, name)
-        parser.require(value >= 0, f"--{name.replace('_', '-')}", "non-negative", value)
+    parser.require_counts(args, ("probe_images", "free_bits"), low=0)
     return args
 
 

@@ -55,4 +55,4 @@ def test_bad_arguments_name_the_option(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["flow_2d_kl.py"])
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
-    assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
+    assert "--steps must be a positive number, got 0" in capsys.readouterr().err

@@ -149,16 +149,23 @@ class ExampleParser(argparse.ArgumentParser):
                     "test_images")
 
     def _check_counts(self, parsed: argparse.Namespace) -> None:
-        for names, expected, low in ((self.POSITIVE, "a positive number", 1),
-                                     (self.NON_NEGATIVE, "non-negative", 0)):
-            for name in names:
-                value = vars(parsed).get(name)
-                if value is not None:
-                    self.require(value >= low, f"--{name.replace('_', '-')}", expected, value)
+        self.require_counts(parsed, self.POSITIVE)
+        self.require_counts(parsed, self.NON_NEGATIVE, low=0)
         patience, valid = vars(parsed).get("patience"), vars(parsed).get("valid_images")
         if patience is not None and valid is not None:
             self.require(valid > 0, "--patience", "unset without --valid-images (early "
                          "stopping needs a validation split)", patience)
+
+    def require_counts(self, parsed: argparse.Namespace, names: tuple[str, ...],
+                       low: int = 1) -> None:
+        """Fail with a one-line error naming the option unless each of ``names`` that
+        ``parsed`` holds (and is not ``None``) is at least ``low`` (1: positive, 0:
+        non-negative)."""
+        expected = "a positive number" if low >= 1 else "non-negative"
+        for name in names:
+            value = vars(parsed).get(name)
+            if value is not None:
+                self.require(value >= low, f"--{name.replace('_', '-')}", expected, value)
 
     def require(self, condition: bool, argument: str, expected: str, value: Any) -> None:
         """Fail with a one-line error naming ``argument`` unless ``condition`` holds."""
